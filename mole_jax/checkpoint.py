@@ -1,0 +1,146 @@
+"""Orbax checkpoints and the run-directory layout.
+
+    RUN_DIR/
+      run.json               what the run is: model config, train config, data and tokenizer description
+      tokenizer.json         when the run has a tokenizer
+      checkpoints/<step>/    Orbax items: params (model weights), opt_state (training only), meta (JSON)
+      metrics.jsonl          the training log
+      lut/                   a MoLE lookup table (import of an inference-form checkpoint, or `mole-jax convert`)
+
+Every step directory is self-describing: its `meta` item holds the model config, so a step directory, a
+checkpoints directory or a run directory can each be handed to `locate`/`restore_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mole_jax.config import ModelConfig, MoleError
+from mole_jax.model import Params, graphdef_and_shapes
+
+FORMAT = "mole-jax/1"
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+TOKENIZER = "tokenizer.json"
+METRICS = "metrics.jsonl"
+LUT = "lut"
+
+
+def manager(root: str | Path, *, max_to_keep: int | None = None, save_interval_steps: int = 1,
+            async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                           enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(Path(root).absolute(), options=options)
+
+
+def step_meta(cfg: ModelConfig, step: int, **extra: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "model_config": cfg.to_dict(), "step": step, **extra}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params: Params, meta: dict, opt_state: Any = None,
+         force: bool = False) -> bool:
+    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDir:
+    root: Path  # the directory holding <step>/ subdirectories
+    step: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / str(self.step)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory around this checkpoint, if it sits in one."""
+        parent = self.root.parent
+        return parent if self.root.name == CHECKPOINTS and (parent / RUN_FILE).exists() else None
+
+
+def _steps(root: Path) -> list[int]:
+    # Orbax marks finished steps; a half-written one (e.g. killed mid-save) has no commit marker or a tmp name.
+    return sorted(int(p.name) for p in root.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir() and (p / "params").is_dir())
+
+
+def locate(path: str | Path) -> StepDir:
+    """Find the checkpoint a path names: a run directory or checkpoints directory (latest step) or a step."""
+    p = Path(path).expanduser().absolute()
+    if not p.exists():
+        raise MoleError(f"checkpoint not found: {p} does not exist")
+    if not p.is_dir():
+        raise MoleError(f"checkpoint not found: {p} is a file, not a checkpoint or run directory")
+    if (p / "meta").is_dir() and (p / "params").is_dir() and p.name.isdigit():
+        return StepDir(p.parent, int(p.name))
+    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+    steps = _steps(root)
+    if not steps:
+        raise MoleError(f"no checkpoint in {p}: expected a run directory, a checkpoints directory or a step "
+                        "directory written by mole-jax")
+    return StepDir(root, steps[-1])
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    ref = locate(path)
+    meta_file = ref.path / "meta" / "metadata"  # where Orbax's JsonSave puts the JSON
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MoleError(f"unreadable checkpoint metadata at {meta_file}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise MoleError(f"{ref.path} has checkpoint format {meta.get('format')!r}; this version reads {FORMAT!r}")
+    return meta
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(read_meta(path)["model_config"])
+
+
+def restore_params(path: str | Path, *, with_experts: bool = True, shardings: Any = None,
+                   as_numpy: bool = False, cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+    """Restore a checkpoint's parameters.
+
+    with_experts=False restores MoLE's inference form only (the routed experts stay on disk, never in memory).
+    shardings: a pytree of jax.sharding.Sharding matching the params (placement on a mesh, any device count);
+    default: the first device. as_numpy: restore to host numpy arrays instead.
+    """
+    ref = locate(path)
+    cfg = cfg or model_config(path)
+    _, shapes = graphdef_and_shapes(cfg, with_experts=with_experts)
+    if as_numpy:
+        restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+    else:
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, shapes)
+        restore_args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape,
+                                                                       dtype=s.dtype), shapes, shardings)
+    try:
+        params = ocp.PyTreeCheckpointer().restore(
+            ref.path / "params", args=ocp.args.PyTreeRestore(item=shapes, restore_args=restore_args,
+                                                             partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise MoleError(f"checkpoint {ref.path} does not match its model config: {e}") from None
+    return cfg, params
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    f = Path(run_dir) / RUN_FILE
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

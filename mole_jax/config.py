@@ -1,0 +1,197 @@
+"""One ModelConfig for the three model kinds (dense | moe | mole), the paper's presets, and TrainConfig.
+
+Field names follow the paper (mole.md section 3); `to_hf`/`from_hf` in hf.py map them to the authors' LlamaConfig
+fields. Every preset of a size shares the backbone, so Dense, MoE and MoLE differ only in the FFN part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+KINDS = ("dense", "moe", "mole")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class MoleError(ValueError):
+    """Bad input from a user (a path, a file, a value). The CLI prints the message on one line and exits 2."""
+
+
+class ConfigError(MoleError):
+    """A configuration that cannot describe a valid model or run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str  # "dense" | "moe" | "mole"
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    ffn_dim: int  # width of the dense FFN, and of MoLE's shared expert; 0 for MoE (no shared expert)
+    expert_dim: int = 0  # width of each routed expert (MoE, MoLE)
+    num_experts: int = 0  # routed experts per layer
+    top_k: int = 0  # MoE: experts activated per token; MoLE activates all, so 0
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # the released code rotates the full head (paper appendix says 0.25)
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.01
+    dtype: str = "float32"  # activations and matmuls
+    param_dtype: str = "float32"
+    moe_balance_coef: float = 0.01  # OLMoE-style load balance, MoE only (MoLE uses no auxiliary loss)
+    moe_z_coef: float = 0.001  # router z-loss, MoE only
+    moe_impl: str = "auto"  # "dense" (all experts, masked), "ragged" (sorted + lax.ragged_dot), "auto"
+    attention_impl: str | None = None  # passed to jax.nn.dot_product_attention: None/"xla" or "cudnn"
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(f"invalid ModelConfig: {msg}")
+
+        need(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_seq_len"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive int")
+        need(self.d_model % self.num_heads == 0, f"d_model {self.d_model} not divisible by num_heads {self.num_heads}")
+        need(0.0 < self.rotary_fraction <= 1.0, "rotary_fraction must be in (0, 1]")
+        need(self.rotary_dim >= 2, "rotary_fraction leaves fewer than 2 rotated dims per head")
+        need(self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes must be in {DTYPES}")
+        need(self.moe_impl in ("auto", "dense", "ragged"), "moe_impl must be auto, dense or ragged")
+        if self.kind == "dense":
+            need(self.ffn_dim > 0, "dense needs ffn_dim > 0")
+            need(self.num_experts == 0 and self.expert_dim == 0 and self.top_k == 0, "dense has no experts")
+        elif self.kind == "moe":
+            need(self.ffn_dim == 0, "MoE (the paper's baseline) has no shared expert: ffn_dim must be 0")
+            need(self.num_experts > 0 and self.expert_dim > 0, "moe needs num_experts and expert_dim")
+            need(0 < self.top_k <= self.num_experts, f"moe needs 0 < top_k <= num_experts, got {self.top_k}")
+        else:
+            need(self.ffn_dim > 0, "mole needs a shared expert: ffn_dim > 0")
+            need(self.num_experts > 0 and self.expert_dim > 0, "mole needs num_experts and expert_dim")
+            need(self.top_k == 0, "mole activates every routed expert: top_k must be 0")
+
+    # Derived sizes -----------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per head (even), GPT-NeoX style: the first `rotary_dim` dims rotate, the rest pass."""
+        return int(self.head_dim * self.rotary_fraction) // 2 * 2
+
+    @property
+    def lut_row_size(self) -> int:
+        """Values per token in the MoLE lookup table: L * N * d."""
+        return self.num_layers * self.num_experts * self.d_model if self.kind == "mole" else 0
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts: `total` (what trains), `active` (what one token uses on the accelerator at inference;
+        for MoLE the routed experts become the LUT and cost nothing), `lut` (MoLE table entries)."""
+        d, L, V = self.d_model, self.num_layers, self.vocab_size
+        attn = 4 * d * d + 2 * d  # q, k, v, o and the two norms
+        dense_ffn = 2 * d * self.ffn_dim
+        expert = 2 * d * self.expert_dim
+        router = d * self.num_experts
+        per_layer_total = attn + dense_ffn + self.num_experts * expert + router
+        per_layer_active = attn + dense_ffn + router
+        if self.kind == "mole":
+            per_layer_total += d  # expert norm
+        if self.kind == "moe":
+            per_layer_active += self.top_k * expert
+        outer = 2 * V * d + d  # embedding, lm head, final norm
+        return {
+            "total": L * per_layer_total + outer,
+            "active": L * per_layer_active + outer,
+            "lut": V * self.lut_row_size,
+        }
+
+    # (De)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _family(size: str, L: int, d: int, heads: int, ffn: int, vocab: int, seq: int, **kw) -> dict[str, ModelConfig]:
+    """Dense, MoE-10E (half width, top-2), MoLE-4E (full width) and the 34E/16E pair: equal activated size."""
+    base = dict(vocab_size=vocab, num_layers=L, d_model=d, num_heads=heads, max_seq_len=seq, **kw)
+    return {
+        f"dense-{size}": ModelConfig(kind="dense", ffn_dim=ffn, **base),
+        f"moe-10e-{size}": ModelConfig(kind="moe", ffn_dim=0, expert_dim=ffn // 2, num_experts=10, top_k=2, **base),
+        f"mole-4e-{size}": ModelConfig(kind="mole", ffn_dim=ffn, expert_dim=ffn, num_experts=4, **base),
+        f"moe-34e-{size}": ModelConfig(kind="moe", ffn_dim=0, expert_dim=ffn // 2, num_experts=34, top_k=2, **base),
+        f"mole-16e-{size}": ModelConfig(kind="mole", ffn_dim=ffn, expert_dim=ffn, num_experts=16, **base),
+    }
+
+
+def _cpu_family(size: str, **kw) -> dict[str, ModelConfig]:
+    fam = _family(size, **kw)
+    return {f"{size}-{kind}": fam[f"{name}-{size}"] for kind, name in (("dense", "dense"), ("moe", "moe-10e"),
+                                                                        ("mole", "mole-4e"))}
+
+
+# The paper's Table 2 (vocabulary padded to 50,304, sequence 2,048), and CPU-sized presets with the same matching.
+_PAPER = {
+    **_family("160m", L=12, d=768, heads=12, ffn=3072, vocab=50304, seq=2048),
+    **_family("410m", L=24, d=1024, heads=16, ffn=4096, vocab=50304, seq=2048),
+    **{k: v for k, v in _family("1b", L=16, d=2048, heads=8, ffn=8192, vocab=50304, seq=2048).items()
+       if "34e" not in k and "16e" not in k},
+}
+_CPU = {
+    **_cpu_family("tiny", L=2, d=64, heads=4, ffn=256, vocab=512, seq=128),
+    **_cpu_family("small", L=4, d=256, heads=4, ffn=1024, vocab=8192, seq=256),
+}
+presets: dict[str, ModelConfig] = {**_CPU, **_PAPER}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    return presets[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run settings (the paper's recipe as defaults: mole.md section 4)."""
+
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step (global, across devices and accumulation)
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step
+    peak_lr: float = 6e-4
+    warmup_frac: float = 0.01
+    final_lr_frac: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    dedup: bool = True  # MoLE: evaluate routed experts once per unique token id in the batch
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    val_fraction: float = 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,151 @@
+"""Building blocks shared by Dense, MoE and MoLE: RMSNorm, RoPE attention with a KV cache, GELU FFNs.
+
+Shapes are in names: B batch, T query length, S key length (cache), D model width, H heads, K head dim,
+F FFN width, N routed experts, M flattened tokens. Every parameter carries `axes` metadata (logical axis names)
+that sharding.py maps onto a mesh; nothing here knows about devices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mole_jax.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple, cfg: ModelConfig) -> nnx.Param:
+    """A normally initialised weight (the paper: std 0.01; output projections 0.01/sqrt(2L))."""
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(cfg.param_dtype), axes=axes)
+
+
+def gelu(x):
+    return jax.nn.gelu(x, approximate=False)  # the authors use torch.nn.GELU(): exact erf form
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.eps = cfg.rms_norm_eps
+        self.scale_D = nnx.Param(jnp.ones((cfg.d_model,), cfg.param_dtype), axes=(None,))
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        # Normalise in float32, cast back, then scale: the reference's order of operations.
+        x32 = x_BxTxD.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale_D[...].astype(x_BxTxD.dtype) * y.astype(x_BxTxD.dtype)
+
+
+def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
+    """Rotary embedding, "rotate_half" convention, on the first `rotary_dim` dims of each head."""
+    rot, keep = x_BxTxHxK[..., :rotary_dim], x_BxTxHxK[..., rotary_dim:]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+    angles_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTxR = jnp.concatenate([angles_BxTxR, angles_BxTxR], axis=-1)
+    cos = jnp.cos(angles_BxTxR)[:, :, None, :].astype(x_BxTxHxK.dtype)
+    sin = jnp.sin(angles_BxTxR)[:, :, None, :].astype(x_BxTxHxK.dtype)
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, keep], axis=-1)
+
+
+class KVCache(NamedTuple):
+    """One layer's cache: keys/values for positions [0, S) of each sequence (written at the query positions)."""
+
+    k_BxSxHxK: jax.Array
+    v_BxSxHxK: jax.Array
+
+    @staticmethod
+    def zeros(cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (batch, length, cfg.num_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+def _write(cache_BxSxHxK: jax.Array, new_BxTxHxK: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write each sequence's T new entries at its own start position (sequences advance independently)."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
+        cache_BxSxHxK, new_BxTxHxK.astype(cache_BxSxHxK.dtype), start_B)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.cfg = cfg
+        self.wq_DxHxK = param(rngs, (D, H, K), cfg.init_std, ("embed", "heads", None), cfg)
+        self.wk_DxHxK = param(rngs, (D, H, K), cfg.init_std, ("embed", "heads", None), cfg)
+        self.wv_DxHxK = param(rngs, (D, H, K), cfg.init_std, ("embed", "heads", None), cfg)
+        self.wo_HxKxD = param(rngs, (H, K, D), out_std, ("heads", None, "embed"), cfg)
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: KVCache | None = None):
+        """Causal self-attention. Without a cache, the T tokens attend among themselves (training, scoring).
+        With a cache, the new keys/values are written at `positions_BxT` (contiguous per sequence) and the queries
+        attend to every cached position <= their own: stale entries beyond a sequence's position stay masked."""
+        cfg, dt = self.cfg, x_BxTxD.dtype
+        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxHxK[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxHxK[...].astype(dt))
+        q = rope(q, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
+        k = rope(k, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
+        if cache is None:  # positions increase along each row, so "key position <= query position" is causal
+            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+        else:
+            cache = KVCache(_write(cache.k_BxSxHxK, k, positions_BxT[:, 0]),
+                            _write(cache.v_BxSxHxK, v, positions_BxT[:, 0]))
+            k, v = cache.k_BxSxHxK.astype(dt), cache.v_BxSxHxK.astype(dt)
+            mask_Bx1xTxS = jnp.arange(k.shape[1])[None, None, None, :] <= positions_BxT[:, None, :, None]
+            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")
+        return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo_HxKxD[...].astype(dt)), cache
+
+
+class FFN(nnx.Module):
+    """down(gelu(up(x))): the dense FFN and MoLE's shared expert."""
+
+    def __init__(self, cfg: ModelConfig, width: int, rngs: nnx.Rngs):
+        self.w_up_DxF = param(rngs, (cfg.d_model, width), cfg.init_std, ("embed", "mlp"), cfg)
+        self.w_down_FxD = param(rngs, (width, cfg.d_model), cfg.init_std / math.sqrt(2 * cfg.num_layers),
+                                ("mlp", "embed"), cfg)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        dt = x_BxTxD.dtype
+        return gelu(x_BxTxD @ self.w_up_DxF[...].astype(dt)) @ self.w_down_FxD[...].astype(dt)
+
+
+class Experts(nnx.Module):
+    """N routed experts with the FFN's form, as batched weights so that they run as one einsum, not a loop."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        N, D, F = cfg.num_experts, cfg.d_model, cfg.expert_dim
+        self.w_up_NxDxF = param(rngs, (N, D, F), cfg.init_std, ("experts", "embed", "mlp"), cfg)
+        self.w_down_NxFxD = param(rngs, (N, F, D), cfg.init_std / math.sqrt(2 * cfg.num_layers),
+                                  ("experts", "mlp", "embed"), cfg)
+
+    def all_experts(self, x_MxD: jax.Array) -> jax.Array:
+        """Every expert on every row: [M, N, D]."""
+        dt = x_MxD.dtype
+        h_MxNxF = gelu(jnp.einsum("md,ndf->mnf", x_MxD, self.w_up_NxDxF[...].astype(dt)))
+        return jnp.einsum("mnf,nfd->mnd", h_MxNxF, self.w_down_NxFxD[...].astype(dt))
+
+    def mixed(self, x_MxD: jax.Array, gates_MxN: jax.Array) -> jax.Array:
+        """sum_n gates[m, n] * expert_n(x[m]), without materialising [M, N, D]."""
+        dt = x_MxD.dtype
+        h_MxNxF = gelu(jnp.einsum("md,ndf->mnf", x_MxD, self.w_up_NxDxF[...].astype(dt)))
+        return jnp.einsum("mnf,mn,nfd->md", h_MxNxF, gates_MxN.astype(dt), self.w_down_NxFxD[...].astype(dt))
+
+    def ragged(self, x_MxD: jax.Array, expert_MxK: jax.Array, gates_MxK: jax.Array) -> jax.Array:
+        """Dropless top-k: sort the M*K assignments by expert and run grouped matmuls (lax.ragged_dot), so each
+        token pays only its K experts. The fast path on GPU/TPU; on CPU ragged_dot is emulated and slow."""
+        M, K = expert_MxK.shape
+        N, dt = self.w_up_NxDxF.shape[0], x_MxD.dtype
+        flat_expert = expert_MxK.reshape(-1)
+        order = jnp.argsort(flat_expert, stable=True)
+        token_of = order // K
+        group_sizes = jnp.bincount(flat_expert, length=N).astype(jnp.int32)
+        xs = x_MxD[token_of]
+        h = gelu(jax.lax.ragged_dot(xs, self.w_up_NxDxF[...].astype(dt), group_sizes))
+        ys = jax.lax.ragged_dot(h, self.w_down_NxFxD[...].astype(dt), group_sizes)
+        ys = ys * gates_MxK.reshape(-1)[order][:, None].astype(dt)
+        return jnp.zeros_like(x_MxD).at[token_of].add(ys)

@@ -1,0 +1,61 @@
+"""Shared fixtures. Four fake CPU devices so that sharding tests run anywhere (set before JAX starts)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mole_jax.config import ModelConfig  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+NEOX_TOKENIZER = SHARED / "data" / "gpt-neox-20b" / "tokenizer.json"
+
+# Prime sizes wherever the architecture allows (head_dim must be even for rotate_half), so a transposed or
+# mis-reshaped weight cannot hide behind a coincidence of shapes.
+PRIME = dict(vocab_size=97, num_layers=3, d_model=22, num_heads=2, max_seq_len=64, init_std=0.2)
+
+
+def prime_config(kind: str, **changes) -> ModelConfig:
+    fields = {"dense": dict(ffn_dim=37),
+              "moe": dict(ffn_dim=0, expert_dim=31, num_experts=5, top_k=2),
+              "mole": dict(ffn_dim=37, expert_dim=37, num_experts=5)}[kind]
+    return ModelConfig(kind=kind, **{**PRIME, **fields, **changes})
+
+
+def write_hf_checkpoint(path: Path, cfg: ModelConfig, *, seed: int = 0, inference_form: bool = False,
+                        dtype=np.float32) -> dict[str, np.ndarray]:
+    """An authors'-format directory with random weights under the official key names and shapes."""
+    from safetensors.numpy import save_file
+
+    from mole_jax import hf
+
+    rng = np.random.default_rng(seed)
+    hf_cfg = hf.config_to_hf(cfg)
+    if cfg.kind == "moe":
+        del hf_cfg["num_experts_per_tok"]  # the released configs do not carry it
+    shapes = hf.hf_shapes(cfg, with_experts=not inference_form)
+    tensors = {}
+    for n in shapes:
+        scale = 1.0 if n.endswith("layernorm.weight") or n == "model.norm.weight" else 0.2
+        base = 1.0 if scale == 1.0 else 0.0
+        tensors[n] = (base + scale * rng.standard_normal(shapes[n])).astype(dtype)
+    if inference_form:
+        tensors["model.moe_table.weight"] = (0.2 * rng.standard_normal(
+            (cfg.vocab_size, cfg.num_layers * cfg.num_experts * cfg.d_model))).astype(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_cfg))
+    save_file(tensors, str(path / "model.safetensors"))
+    return tensors
+
+
+@pytest.fixture
+def neox_tokenizer_path():
+    if not NEOX_TOKENIZER.is_file():
+        pytest.skip("../shared/data/gpt-neox-20b is not available")
+    return NEOX_TOKENIZER

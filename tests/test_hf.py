@@ -1,0 +1,217 @@
+"""Import of the authors' checkpoints (fixtures written here under the official names), export, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import reference
+from conftest import prime_config, write_hf_checkpoint
+from mole_jax import checkpoint, hf
+from mole_jax.config import MoleError
+from mole_jax.decode import load
+
+IDS = np.array([[5, 17, 96, 0, 3, 3, 41], [88, 2, 2, 60, 71, 9, 13]], np.int32)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "mole"])
+def test_import_matches_reference(tmp_path, kind):
+    cfg = prime_config(kind)
+    tensors = write_hf_checkpoint(tmp_path / "src", cfg)
+    hf.import_hf(tmp_path / "src", tmp_path / "run")
+    model = load(tmp_path / "run")
+    assert model.config == cfg.replace(init_std=model.config.init_std)
+    hf_cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    ref = reference.forward(hf_cfg, tensors, IDS, top_k=2)
+    got = model.logits(IDS)
+    assert got.dtype == np.float32 and got.shape == (*IDS.shape, cfg.vocab_size)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_moe_top_k_option(tmp_path):
+    cfg = prime_config("moe")
+    tensors = write_hf_checkpoint(tmp_path / "src", cfg)
+    hf.import_hf(tmp_path / "src", tmp_path / "k3", moe_top_k=3)
+    model = load(tmp_path / "k3")
+    assert model.config.top_k == 3
+    hf_cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    ref3 = reference.forward(hf_cfg, tensors, IDS, top_k=3)
+    np.testing.assert_allclose(model.logits(IDS), ref3, rtol=0, atol=1e-5 * np.abs(ref3).max())
+    # default is 2 (the paper), and num_experts_per_tok in config.json wins over the default
+    hf.import_hf(tmp_path / "src", tmp_path / "k2")
+    assert load(tmp_path / "k2").config.top_k == 2
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**hf_cfg, "num_experts_per_tok": 4}))
+    hf.import_hf(tmp_path / "src", tmp_path / "k4")
+    assert load(tmp_path / "k4").config.top_k == 4
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "mole"])
+def test_import_export_import_bit_exact(tmp_path, kind):
+    cfg = prime_config(kind)
+    tensors = write_hf_checkpoint(tmp_path / "src", cfg)
+    hf.import_hf(tmp_path / "src", tmp_path / "a")
+    hf.export_hf(tmp_path / "a", tmp_path / "exported")
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert set(exported) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    hf.import_hf(tmp_path / "exported", tmp_path / "b")
+    _, pa = checkpoint.restore_params(tmp_path / "a", as_numpy=True)
+    _, pb = checkpoint.restore_params(tmp_path / "b", as_numpy=True)
+    for x, y in zip(_leaves(pa), _leaves(pb)):
+        np.testing.assert_array_equal(x, y)
+    exported_cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported_cfg["architectures"] == [{"dense": "DenseForCausalLM", "moe": "MoeForCausalLM",
+                                              "mole": "MoleForCausalLM"}[kind]]
+
+
+def _leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def test_half_precision_and_sharded_safetensors(tmp_path):
+    """bf16 weights, split over two shards with an index, as large HF checkpoints are saved."""
+    import ml_dtypes
+
+    cfg = prime_config("mole")
+    tensors = write_hf_checkpoint(tmp_path / "one", cfg, dtype=ml_dtypes.bfloat16)
+    src = tmp_path / "sharded"
+    src.mkdir()
+    (src / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, part in halves.items():
+        save_file({n: tensors[n] for n in part}, str(src / fname))
+    index = {"weight_map": {n: f for f, part in halves.items() for n in part}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf.import_hf(src, tmp_path / "run")
+    ref = reference.forward(hf.config_to_hf(cfg), {k: v.astype(np.float32) for k, v in tensors.items()}, IDS)
+    np.testing.assert_allclose(load(tmp_path / "run").logits(IDS), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_pytorch_bin_through_weights_only_loader(tmp_path):
+    torch = pytest.importorskip("torch")
+    cfg = prime_config("dense")
+    tensors = write_hf_checkpoint(tmp_path / "st", cfg)
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, src / "pytorch_model.bin")
+    hf.import_hf(src, tmp_path / "run")
+    ref = reference.forward(hf.config_to_hf(cfg), tensors, IDS)
+    np.testing.assert_allclose(load(tmp_path / "run").logits(IDS), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    cfg = prime_config("dense")
+    write_hf_checkpoint(tmp_path / "st", cfg)
+    src = tmp_path / "evil"
+    src.mkdir()
+    (src / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save({"x": torch.zeros(1), "payload": _Evil()}, src / "pytorch_model.bin")
+    with pytest.raises(MoleError, match="refusing"):
+        hf.import_hf(src, tmp_path / "run")
+    assert not (tmp_path / "ran").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (open, ("/nonexistent-dir/ran", "w"))
+
+
+# Bad input ----------------------------------------------------------------------------------------------------
+def _bad_cases(tmp_path):
+    cfg = prime_config("mole")
+    cases = {}
+    d = tmp_path / "no_config"
+    d.mkdir()
+    cases["no_config"] = (d, "no config.json")
+    d = tmp_path / "unknown_arch"
+    write_hf_checkpoint(d, cfg)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "architectures": ["GPT2LMHeadModel"]}))
+    cases["unknown_arch"] = (d, "unknown architecture")
+    d = tmp_path / "missing_tensor"
+    t = write_hf_checkpoint(d, cfg)
+    del t["model.layers.1.experts.3.down_proj.weight"]
+    save_file(t, str(d / "model.safetensors"))
+    cases["missing_tensor"] = (d, "missing tensor 'model.layers.1.experts.3.down_proj.weight'")
+    d = tmp_path / "misshapen"
+    t = write_hf_checkpoint(d, cfg)
+    t["model.layers.0.router.weight"] = t["model.layers.0.router.weight"][:, :-1].copy()
+    save_file(t, str(d / "model.safetensors"))
+    cases["misshapen"] = (d, "'model.layers.0.router.weight' has shape")
+    d = tmp_path / "no_weights"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(c))
+    cases["no_weights"] = (d, "no weights")
+    cases["not_a_dir"] = (tmp_path / "does-not-exist", "not a directory")
+    return cases
+
+
+def test_bad_checkpoints_raise_one_clear_error(tmp_path):
+    for name, (src, msg) in _bad_cases(tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(MoleError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            hf.import_hf(src, out)
+        assert not out.exists(), name
+        assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name], "temporary directory left behind"
+
+
+def test_cli_bad_input_exit_2_one_line(tmp_path):
+    for name, (src, msg) in _bad_cases(tmp_path).items():
+        r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf", str(src), str(tmp_path / "o")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2, (name, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr, (name, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_destination_is_not_overwritten(tmp_path):
+    cfg = prime_config("dense")
+    write_hf_checkpoint(tmp_path / "src", cfg, seed=1)
+    hf.import_hf(tmp_path / "src", tmp_path / "run")
+    before = load(tmp_path / "run").logits(IDS)
+    write_hf_checkpoint(tmp_path / "src", cfg, seed=2)
+    with pytest.raises(MoleError, match="exists"):
+        hf.import_hf(tmp_path / "src", tmp_path / "run")
+    np.testing.assert_array_equal(load(tmp_path / "run").logits(IDS), before)
+    hf.import_hf(tmp_path / "src", tmp_path / "run", overwrite=True)
+    assert np.abs(load(tmp_path / "run").logits(IDS) - before).max() > 1e-3
+
+
+def test_bad_ids(tmp_path):
+    cfg = prime_config("dense")
+    write_hf_checkpoint(tmp_path / "src", cfg)
+    hf.import_hf(tmp_path / "src", tmp_path / "run")
+    model = load(tmp_path / "run")
+    with pytest.raises(MoleError, match="outside the vocabulary"):
+        model.logits(np.array([[1, 97]]))
+    with pytest.raises(MoleError, match="outside the vocabulary"):
+        model.logits(np.array([[-1, 2]]))
+    with pytest.raises(MoleError, match="integers"):
+        model.logits(np.array([[1.0, 2.0]]))
+    with pytest.raises(MoleError, match=r"\[batch, length\]"):
+        model.logits(np.array([1, 2]))
+    with pytest.raises(MoleError, match="exceeds the model's context"):
+        model.logits(np.zeros((1, cfg.max_seq_len + 1), np.int32))
+
+
+def test_load_accepts_run_checkpoints_and_step_dirs(tmp_path):
+    cfg = prime_config("mole")
+    write_hf_checkpoint(tmp_path / "src", cfg)
+    hf.import_hf(tmp_path / "src", tmp_path / "run")
+    a = load(tmp_path / "run").logits(IDS)
+    np.testing.assert_array_equal(load(tmp_path / "run" / "checkpoints").logits(IDS), a)
+    np.testing.assert_array_equal(load(tmp_path / "run" / "checkpoints" / "0").logits(IDS), a)
+    with pytest.raises(MoleError, match="no checkpoint"):
+        load(tmp_path / "src")
+    with pytest.raises(MoleError, match="does not exist"):
+        load(tmp_path / "nope")
