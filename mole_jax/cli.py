@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mole-jax", description="Mixture of Lookup Experts in JAX: train, convert, decode.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_hf(sub)
+    bench = sub.add_parser("bench", help="benchmarks: variants side by side in one run, reported as ratios")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    del bench_sub  # each area registers its benchmark here: _add_bench_<area>(bench_sub)
     return parser
 
 
