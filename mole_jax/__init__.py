@@ -5,13 +5,17 @@ The public API (kept small; everything else is reachable through the modules):
     ModelConfig, TrainConfig       configuration
     load(path)                     a checkpoint -> LanguageModel with .config and .logits(ids)
     import_hf(src, out), export_hf(ckpt, out)   the authors' checkpoints in and out
+    convert_to_lut(ckpt, lut_dir, dtype)  MoLE's re-parameterisation: experts -> lookup table on storage
+    open_lut(lut_dir)              a table: .rows(ids) -> float32 [len(ids), L, N, d]
     MoleError                      bad input (the CLI prints it on one line and exits 2)
 """
 
 from mole_jax.config import ModelConfig, MoleError, TrainConfig, get_preset, presets
 from mole_jax.decode import LanguageModel, load
 from mole_jax.hf import export_hf, import_hf
+from mole_jax.convert import convert_to_lut
+from mole_jax.lut import open_lut
 
 __all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", "LanguageModel", "load",
-           "import_hf", "export_hf"]
+           "import_hf", "export_hf", "convert_to_lut", "open_lut"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -108,16 +108,20 @@ def model_config(path: str | Path) -> ModelConfig:
 
 
 def restore_params(path: str | Path, *, with_experts: bool = True, shardings: Any = None,
-                   as_numpy: bool = False, cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+                   as_numpy: bool = False, cfg: ModelConfig | None = None,
+                   select: Callable[[dict], dict] | None = None) -> tuple[ModelConfig, Params]:
     """Restore a checkpoint's parameters.
 
     with_experts=False restores MoLE's inference form only (the routed experts stay on disk, never in memory).
     shardings: a pytree of jax.sharding.Sharding matching the params (placement on a mesh, any device count);
     default: the first device. as_numpy: restore to host numpy arrays instead.
+    select: prunes the params tree (e.g. lut.table_inputs) so that only those parameters are read.
     """
     ref = locate(path)
     cfg = cfg or model_config(path)
     _, shapes = graphdef_and_shapes(cfg, with_experts=with_experts)
+    if select is not None:
+        shapes = select(shapes)
     if as_numpy:
         restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
     else:
@@ -133,6 +137,14 @@ def restore_params(path: str | Path, *, with_experts: bool = True, shardings: An
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise MoleError(f"checkpoint {ref.path} does not match its model config: {e}") from None
     return cfg, params
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Params, Any]:
+    """Restore params and optimizer state of `step` onto `target`'s placement: `target.params` and
+    `target.opt_state` are trees of jax.ShapeDtypeStruct with shardings (any mesh, any device count)."""
+    items = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target.params),
+                                                       opt_state=ocp.args.StandardRestore(target.opt_state)))
+    return items["params"], items["opt_state"]
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:

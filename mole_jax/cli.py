@@ -45,12 +45,335 @@ def _add_hf(sub):
     p.set_defaults(func=_cmd_export_hf)
 
 
+def _cmd_convert(args):
+    from mole_jax.convert import convert_to_lut
+    from mole_jax.lut import read_info
+
+    where = convert_to_lut(args.ckpt, args.lut_dir, args.dtype, batch_rows=args.batch_rows,
+                           shard_rows=args.shard_rows, block=args.block, overwrite=args.overwrite,
+                           checksum=args.checksum, progress=not args.no_progress)
+    info = read_info(where)
+    print(f"wrote {where}: {info['scheme']} {info['shape']}, {info['nbytes']:,} bytes "
+          f"({info['nbytes'] / info['fp16_nbytes']:.1%} of float16), fingerprint {info['fingerprint'][:16]}")
+
+
+def _cmd_lut_info(args):
+    import json
+
+    from mole_jax.lut import read_info
+
+    info = read_info(args.lut_dir)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return
+    V, L, N, D = info["shape"]
+    ver = info.get("verification") or {}
+    block = f" (block {info['block']})" if info["scheme"] in ("nf4", "nf3") else ""
+    complete = (f"yes (verified {ver.get('rows')} rows: max error {ver.get('max_abs_error', 0):.3g}, "
+                f"{ver.get('max_error_over_allowed', 0):.3g} of the allowed)" if info["complete"] and
+                "max_abs_error" in ver else "yes" if info["complete"] else
+                "NO: interrupted or unverified; rerun the same `mole-jax convert` command")
+    for k, v in [("location", info["location"]), ("shape", f"[{V}, {L}, {N}, {D}]  (V, layers, experts, d_model)"),
+                 ("dtype", info["scheme"] + block),
+                 ("bytes", f"{info['nbytes']:,} ({info['nbytes'] / info['fp16_nbytes']:.1%} of float16)"),
+                 ("row bytes", f"{info['row_nbytes']:,}"),
+                 ("shards", f"{info['shards_written']} of {info['num_shards']} written, {info['shard_rows']} rows each"),
+                 ("fingerprint", info["fingerprint"]), ("complete", complete)]:
+        print(f"{k:<12} {v}")
+
+
+def _cmd_lut_verify(args):
+    from mole_jax.config import MoleError
+    from mole_jax.convert import verify_lut
+
+    r = verify_lut(args.lut_dir, args.ckpt, rows=args.rows, seed=args.seed)
+    print(f"{r['rows']} rows (seed {r['seed']}), {r['scheme']}: max |error| {r['max_abs_error']:.4g}, "
+          f"{r['max_error_over_allowed']:.4g} of the allowed error (scheme bound + float32 recomputation noise)")
+    if not r["ok"]:
+        raise MoleError(f"verification failed: the table's rows differ from the checkpoint's experts by up to "
+                        f"{r['max_error_over_allowed']:.4g}x the allowed error")
+    print("ok")
+
+
+def _add_lut(sub):
+    schemes = ["float32", "bfloat16", "float16", "int8", "nf4", "nf3"]  # lut.SCHEMES, without importing jax
+    p = sub.add_parser("convert", help="MoLE re-parameterisation: a training-form checkpoint -> lookup table")
+    p.add_argument("ckpt", help="run directory, checkpoints directory or step directory of a MoLE model")
+    p.add_argument("lut_dir", help="table directory to create (or a kvstore URL: memory://, gs://, s3://)")
+    p.add_argument("--dtype", default="float16", choices=schemes, help="storage scheme (default float16)")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="vocabulary rows each device computes per step (must divide the shard rows)")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per table file (default: ~64 MiB files)")
+    p.add_argument("--block", type=int, default=None, help="nf4/nf3 quantisation block (default 768/128 or the "
+                                                           "largest divisor of d_model below)")
+    p.add_argument("--checksum", action="store_true", help="store a crc32c checksum with every row")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a complete table (an interrupted conversion of the same model always resumes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+    lut_p = sub.add_parser("lut", help="inspect and verify lookup tables")
+    lut_sub = lut_p.add_subparsers(dest="lut_command", required=True, parser_class=_Parser)
+    p = lut_sub.add_parser("info", help="shape, dtype, bytes, row bytes, fingerprint, complete or not")
+    p.add_argument("lut_dir")
+    p.add_argument("--json", action="store_true", help="print the full description as JSON")
+    p.set_defaults(func=_cmd_lut_info)
+    p = lut_sub.add_parser("verify", help="recompute random rows from the checkpoint and compare (exit 2 if not)")
+    p.add_argument("lut_dir")
+    p.add_argument("ckpt", help="the checkpoint the table was converted from")
+    p.add_argument("--rows", type=int, default=16, help="random rows to recompute (plus the first and last)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_cmd_lut_verify)
+
+
+def _cmd_bench_convert(args):
+    from mole_jax.bench import bench_convert
+
+    bench_convert(preset=args.preset, vocab_sizes=args.vocab_sizes, dtype=args.dtype, batch_rows=args.batch_rows,
+                  shard_rows=args.shard_rows, json_path=args.json)
+
+
+def _add_bench_convert(bench_sub):
+    p = bench_sub.add_parser("convert", help="conversion FLOP/s vs the measured matmul peak; host memory vs V")
+    p.add_argument("--preset", default=None,
+                   help="model preset (default: small-mole at d=512 on CPU, mole-4e-410m on accelerators)")
+    p.add_argument("--vocab-sizes", default=None, type=lambda s: [int(v) for v in s.split(",")],
+                   help="comma-separated vocabulary sizes, converted one by one in fresh processes "
+                        "(default: V/4 and V of the preset; on CPU 8192,32768)")
+    p.add_argument("--dtype", default="float16", help="table scheme")
+    p.add_argument("--batch-rows", type=int, default=None)
+    p.add_argument("--shard-rows", type=int, default=None, help="default: 1024 for the CPU model, else the table's")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=_cmd_bench_convert)
+
+
+def _parse_prompt_ids(text: str) -> list[int]:
+    from mole_jax.config import MoleError
+
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise MoleError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def _cmd_generate(args):
+    import time
+
+    from mole_jax.config import MoleError
+    from mole_jax.decode import load
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise MoleError("give exactly one of --prompt TEXT and --prompt-ids IDS")
+    model = load(args.ckpt, lut=args.lut, lut_placement=args.placement, offload_experts=args.offload_experts)
+    as_text = args.prompt is not None
+    ids = model.encode(args.prompt) if as_text else _parse_prompt_ids(args.prompt_ids)
+    eos = args.eos_id if args.eos_id is not None else (model.eos_id if as_text else None)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos, seed=args.seed)
+    new, shown = [], ""
+    if as_text:
+        sys.stdout.write(args.prompt)
+    t0, n = time.perf_counter(), 0
+    for step in model.stream(ids, args.max_new_tokens, **kw):
+        if step[0] is None:
+            break
+        n += 1
+        if n == 1:
+            t0 = time.perf_counter()  # after the prefill (and compilation)
+        new.append(step[0])
+        if as_text:  # print what is new in the decoded text; hold back an incomplete UTF-8 character
+            text = model.decode(new)
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                shown = text
+        else:
+            sys.stdout.write(("" if n == 1 else " ") + str(step[0]))
+        sys.stdout.flush()
+    if as_text:
+        text = model.decode(new)
+        sys.stdout.write(text[len(shown):] if text.startswith(shown) else text)
+    sys.stdout.write("\n")
+    secs = time.perf_counter() - t0
+    where = f", LUT on {model.placement}" if model.placement else ""
+    print(f"[{n} tokens, {1000 * secs / max(n - 1, 1):.1f} ms/token after the first{where}, "
+          f"{model.h2d_bytes:,} bytes host->device]", file=sys.stderr)
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate from a checkpoint (MoLE: optionally with its LUT offloaded)")
+    p.add_argument("ckpt", help="run directory, checkpoints directory or step directory")
+    p.add_argument("--lut", default=None, help="MoLE: lookup table directory (decode in inference form); an "
+                                               "inference-form checkpoint uses RUN_DIR/lut by default")
+    p.add_argument("--placement", default="host", choices=["device", "host", "storage"],
+                   help="where the LUT lives while decoding (default host)")
+    p.add_argument("--offload-experts", action="store_true", help="MoE: keep the experts in host memory "
+                                                                   "(the paper's offloading baseline)")
+    p.add_argument("--prompt", default=None, help="prompt text (the run needs a tokenizer)")
+    p.add_argument("--prompt-ids", default=None, help='prompt token ids, e.g. "1,2,3" (printed ids out)')
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="stop token (default with --prompt: the tokenizer's <|endoftext|>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_bench_decode(args):
+    from mole_jax.bench import bench_decode
+
+    bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
+                 link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
+                 dtype=args.dtype, workdir=args.workdir, json_path=args.json, plot_path=args.plot)
+
+
+def _add_bench_decode(bench_sub):
+    p = bench_sub.add_parser("decode", help="ms/step and bytes moved: dense, MoE (resident, offloaded), MoLE "
+                                            "(LUT on device, host, storage)")
+    p.add_argument("--preset-size", default="small", choices=["tiny", "small", "160m", "410m"],
+                   help="model family of equal activated size (default small)")
+    p.add_argument("--batch-sizes", default=[1, 8, 32], type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--prompt-len", type=int, default=512, help="KV cache filled to this many positions")
+    p.add_argument("--link-gbps", type=float, default=16.0, help="host->device link in GB/s for the modeled time")
+    p.add_argument("--steps", type=int, default=50, help="timed decode steps per (model, batch size)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each turn of timed steps")
+    p.add_argument("--lut-dtype", default="float16", help="table scheme (the paper stores float16)")
+    p.add_argument("--dtype", default=None, help="activations/params dtype (default float32 on CPU, else bfloat16)")
+    p.add_argument("--workdir", default=None, help="where to write the random table (default: a temporary dir)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--plot", default=None, help="also plot ms/step per batch size to this image (matplotlib)")
+    p.set_defaults(func=_cmd_bench_decode)
+
+
+_TRAIN_FLAGS = {  # CLI flag -> TrainConfig field (unset flags keep TrainConfig's defaults: the paper's recipe)
+    "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
+    "lr": "peak_lr", "warmup_frac": "warmup_frac", "weight_decay": "weight_decay", "seed": "seed",
+    "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
+    "eval_every": "eval_every", "eval_batches": "eval_batches", "val_fraction": "val_fraction",
+}
+
+
+def _cmd_train(args):
+    from mole_jax import train as train_mod
+
+    # before anything touches a device: join the other hosts when the environment (or the flags) ask for it
+    train_mod.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    from mole_jax.config import TrainConfig, get_preset
+
+    cfg = get_preset(args.preset)
+    dtype = args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    cfg = cfg.replace(dtype=dtype)
+    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    tc = TrainConfig(**overrides, dedup=not args.no_dedup)
+    result = train_mod.train(cfg, tc, out=args.out, data_source=args.data, tokenizer=args.tokenizer,
+                             devices=args.devices, preset=args.preset, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        loss = f": loss {result.loss:.4f}{val}" if result.loss is not None else " (already complete)"
+        print(f"trained {args.preset} to step {result.step}{loss}; run directory {result.out}")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a preset on text (resumes when OUT holds the same run)")
+    p.add_argument("--preset", required=True, help="model preset, e.g. tiny-mole, small-dense, mole-4e-160m")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="text file(s) or directory, a .bin token file (uint16; .u32.bin for uint32), hf:NAME for a "
+                        "locally cached Hugging Face dataset, or 'default' (the default: the embedded English "
+                        "corpus from Python's own documentation)")
+    p.add_argument("--out", required=True, help="run directory (rerunning the same command resumes it)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, help="sequences per step, across devices and accumulation (16)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (128)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step (1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (6e-4; warmup then cosine to 0.1x)")
+    p.add_argument("--warmup-frac", type=float, help="fraction of steps of linear warmup (0.01)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay on matrices (0.1)")
+    p.add_argument("--seed", type=int, help="initialisation and batch order (0)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (100); the last step is saved")
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (3)")
+    p.add_argument("--log-every", type=int, help="steps between lines of metrics.jsonl (10)")
+    p.add_argument("--eval-every", type=int, help="steps between validation losses (100); 0: only at the end")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation (8)")
+    p.add_argument("--val-fraction", type=float, help="fraction of the data held out for validation (0.05)")
+    p.add_argument("--tokenizer", help="a tokenizer.json (default: the run's, else a byte-level BPE trained on the "
+                                       "text with the preset's vocab size)")
+    p.add_argument("--devices", type=int, help="devices to use (default: all)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; params stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--no-dedup", action="store_true", help="MoLE: run the routed experts on every token")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index (or JAX_PROCESS_ID)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_eval(args):
+    import json
+
+    from mole_jax.train import evaluate
+
+    r = evaluate(args.run_dir, data_source=args.data, split=args.split, batch_size=args.batch_size,
+                 devices=args.devices, max_windows=args.max_windows)
+    print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  tokens {r['tokens']:,}  "
+          f"(split {r['split']}, step {r['step']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+            f.write("\n")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="mean next-token cross-entropy and perplexity of a checkpoint on text")
+    p.add_argument("run_dir", help="run directory (latest step), checkpoints directory or step directory")
+    p.add_argument("--data", nargs="+", default=None, help="data as for train (default: the run's own data)")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"],
+                   help="the run's deterministic validation or training windows, or every window (val)")
+    p.add_argument("--json", help="also write {loss (nats), perplexity, tokens, ...} to this file")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's micro-batch)")
+    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--devices", type=int, help="devices to use (default: all)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_bench_train(args):
+    from mole_jax.bench import bench_train
+
+    bench_train(preset_size=args.preset_size, tokens_per_step=[int(t) for t in args.tokens.split(",")],
+                seq_len=args.seq_len, micro_tokens=args.micro_tokens, iters=args.iters, dtype=args.dtype,
+                devices=args.devices, json_path=args.json)
+
+
+def _add_bench_train(bench_sub):
+    p = bench_sub.add_parser("train", help="train-step time of Dense, MoLE with and without dedup, side by side")
+    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--preset-size", default="small", help="the {size}-dense / {size}-mole presets compared (small)")
+    p.add_argument("--tokens", default="4096,16384,65536", help="tokens per step, comma-separated")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
+    p.add_argument("--micro-tokens", type=int, default=16384,
+                   help="tokens per micro-batch at most; larger steps accumulate gradients (16384)")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per row, after one warmup (3)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--devices", type=int, help="devices to use (default: all)")
+    p.set_defaults(func=_cmd_bench_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mole-jax", description="Mixture of Lookup Experts in JAX: train, convert, decode.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_hf(sub)
+    _add_lut(sub)
+    _add_generate(sub)
+    _add_train(sub)
+    _add_eval(sub)
     bench = sub.add_parser("bench", help="benchmarks: variants side by side in one run, reported as ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    _add_bench_convert(bench_sub)
+    _add_bench_decode(bench_sub)
+    _add_bench_train(bench_sub)
     del bench_sub  # each area registers its benchmark here: _add_bench_<area>(bench_sub)
     return parser
 

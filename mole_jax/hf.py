@@ -213,6 +213,18 @@ class TensorSource:
         t = h[name]
         return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        h = self._handle(self._files[name])
+        return tuple(h.get_slice(name).get_shape() if self.kind == "st" else h[name].shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor in its own dtype, reading only those rows (tables are large)."""
+        h = self._handle(self._files[name])
+        if self.kind == "st":
+            return h.get_slice(name)[start:stop]
+        t = h[name][start:stop]
+        return t.float().numpy().astype(_bf16()) if str(t.dtype) == "torch.bfloat16" else t.numpy()
+
 
 def _load_bin(f: Path) -> dict:
     try:
@@ -298,7 +310,22 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
 
 
 def _import_table(cfg: ModelConfig, tensors: TensorSource, lut_dir: Path) -> str:
-    raise MoleError("importing MoLE's inference form (model.moe_table.weight) needs the LUT writer")
+    """MoLE's inference form: stream `model.moe_table.weight` [V, L*N*d] (row-major [V, L, N, d]) into a table at
+    lut_dir, shard by shard, keeping its dtype as the scheme. There are no experts to fingerprint, so the
+    fingerprint is the table's content hash (lut.ContentHash); it is returned for the checkpoint's meta."""
+    from mole_jax import lut
+
+    V, L, N, D = cfg.vocab_size, cfg.num_layers, cfg.num_experts, cfg.d_model
+    shape = tensors.shape(MOE_TABLE)
+    if shape != (V, L * N * D):
+        raise MoleError(f"tensor {MOE_TABLE!r} has shape {shape}; the config needs {(V, L * N * D)}")
+    dtype = tensors.get_rows(MOE_TABLE, 0, 1).dtype
+    scheme = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(dtype.name)
+    if scheme is None:
+        raise MoleError(f"tensor {MOE_TABLE!r} has dtype {dtype}; expected float32, float16 or bfloat16")
+    return lut.write_table(lut_dir, cfg, scheme,
+                           lambda start, stop: tensors.get_rows(MOE_TABLE, start, stop).reshape(-1, L, N, D),
+                           source={"format": "hf", "tensor": MOE_TABLE, "path": str(tensors.src)})
 
 
 def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:

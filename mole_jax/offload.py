@@ -1,0 +1,130 @@
+"""MoE with expert offloading: the baseline of the paper's Figure 3 (mole.md section 7).
+
+The routed experts live in host memory (numpy). Each step runs layer by layer: a jitted call computes the layer's
+attention and router; the host reads the router's choice (it must: the choice decides what to move), sends the
+chosen experts that are not already on the device (one device_put per layer), and a second jitted call runs them.
+The paper's cache policy: the experts a layer used in the previous step stay on the device; when a step used more
+than top_k of them (batch > 1), top_k of those chosen at random stay. Every byte sent is counted.
+
+Same interface as decode.Decoder (prefill / begin / finish / h2d_bytes / device_param_bytes), so the generation loop
+and the benchmark treat it like any other model.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mole_jax.config import ModelConfig
+from mole_jax.decode import DecodeState, Pending, Sampler, advance, logits_at, nbytes, positions, zeros_cache
+from mole_jax.layers import Attention, RMSNorm, gelu
+from mole_jax.model import Params
+
+
+def _front(attn_def, norm_def, top_k, p, h_BxTxD, pos_BxT, cache):
+    """A MoE layer up to its experts: attention, then the router's top-k choice and gates (Block._moe's math)."""
+    a, cache = nnx.merge(attn_def, p["attn"])(nnx.merge(norm_def, p["norm_in"])(h_BxTxD), pos_BxT, cache)
+    h_BxTxD = h_BxTxD + a
+    u_BxTxD = nnx.merge(norm_def, p["norm_post"])(h_BxTxD)
+    logits_BxTxN = (u_BxTxD @ p["w_router_DxN"].astype(u_BxTxD.dtype)).astype(jnp.float32)
+    top_BxTxK, expert_BxTxK = jax.lax.top_k(logits_BxTxN, top_k)
+    gates_BxTxK = jax.nn.softmax(top_BxTxK, axis=-1).astype(u_BxTxD.dtype)
+    return h_BxTxD, u_BxTxD, expert_BxTxK, gates_BxTxK, cache
+
+
+def _experts(h_BxTxD, u_BxTxD, expert_BxTxK, gates_BxTxK, resident_U, weights):
+    """h + the chosen experts' gated sum, with only U experts on the device: weights[j] = (w_up_DxF, w_down_FxD)
+    of expert resident_U[j]. Each runs on every token, gated by zero where it was not chosen (the resident MoE's
+    CPU path does the same with all N)."""
+    dt = u_BxTxD.dtype
+    out_BxTxD = jnp.zeros_like(h_BxTxD)
+    for j, (w_up_DxF, w_down_FxD) in enumerate(weights):
+        g_BxT = jnp.sum(jnp.where(expert_BxTxK == resident_U[j], gates_BxTxK, 0), axis=-1)
+        y_BxTxD = gelu(u_BxTxD @ w_up_DxF.astype(dt)) @ w_down_FxD.astype(dt)
+        out_BxTxD = out_BxTxD + g_BxT[..., None] * y_BxTxD
+    return h_BxTxD + out_BxTxD
+
+
+def _embed(dtype, params, ids_BxT, start_B):
+    return params["embed_VxD"][ids_BxT].astype(dtype), positions(start_B, ids_BxT.shape[1])
+
+
+def _head(norm_def, greedy, params, h_BxTxD, last_B, cache, key, sampler, next_pos_B):
+    logits_BxV = logits_at(nnx.merge(norm_def, params["norm_out"]), params["unembed_DxV"], h_BxTxD, last_B)
+    return advance(logits_BxV, cache, key, None if greedy else sampler, next_pos_B)
+
+
+class OffloadDecoder:
+    """A MoE model whose routed experts stay in host memory; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, *, seed: int = 0):
+        if cfg.kind != "moe":
+            raise ValueError("expert offloading is the MoE baseline: it needs a MoE config")
+        self.config = cfg
+        self.h2d_bytes = 0
+        self.experts_moved = 0  # expert transfers so far (one expert = its two matrices)
+        blocks = params["blocks"]
+        self.experts_host = [(np.asarray(blocks[l]["experts"]["w_up_NxDxF"]),
+                              np.asarray(blocks[l]["experts"]["w_down_NxFxD"])) for l in range(cfg.num_layers)]
+        self.expert_bytes = self.experts_host[0][0][0].nbytes + self.experts_host[0][1][0].nbytes
+        rest = {**params, "blocks": {l: {k: v for k, v in b.items() if k != "experts"} for l, b in blocks.items()}}
+        self.params = self.put(jax.tree.map(np.asarray, rest))
+        self.resident: list[dict[int, tuple]] = [{} for _ in range(cfg.num_layers)]  # expert id -> device weights
+        self._rng = np.random.default_rng(seed)
+        attn_def = nnx.split(nnx.eval_shape(lambda: Attention(cfg, nnx.Rngs(0))))[0]
+        norm_def = nnx.split(nnx.eval_shape(lambda: RMSNorm(cfg)))[0]
+        self._embed = jax.jit(partial(_embed, cfg.dtype))
+        self._front = jax.jit(partial(_front, attn_def, norm_def, cfg.top_k), donate_argnums=(3,))
+        self._experts = jax.jit(_experts)  # traced once per number of experts needed in a layer (<= N)
+        self._head = jax.jit(partial(_head, norm_def), static_argnums=(0,), donate_argnums=(4,))
+        self._zeros = jax.jit(partial(zeros_cache, cfg), static_argnums=(0, 1))
+        self._first_pos = jax.jit(lambda lengths_B: (jnp.zeros_like(lengths_B), lengths_B - 1))
+        self._next_pos = jax.jit(lambda pos_B: (jnp.zeros_like(pos_B), pos_B + 1))
+        self._key = jax.jit(jax.random.key)
+
+    @property
+    def device_param_bytes(self) -> int:
+        """Resident between steps: everything but the experts, plus the cached experts (top_k per layer)."""
+        return nbytes(self.params) + self.config.num_layers * self.config.top_k * self.expert_bytes
+
+    def put(self, tree):
+        self.h2d_bytes += nbytes(tree)
+        return jax.device_put(tree)
+
+    def _layers(self, h_BxTxD, pos_BxT, cache):
+        new_cache = []
+        for l in range(self.config.num_layers):
+            h_BxTxD, u, expert_BxTxK, gates, c = self._front(self.params["blocks"][l], h_BxTxD, pos_BxT, cache[l])
+            new_cache.append(c)
+            needed = np.unique(jax.device_get(expert_BxTxK))  # the router decides what must move: a sync
+            resident, (up_NxDxF, down_NxFxD) = self.resident[l], self.experts_host[l]
+            missing = [int(e) for e in needed if int(e) not in resident]
+            needed_d, moved = self.put((needed.astype(np.int32), [(up_NxDxF[e], down_NxFxD[e]) for e in missing]))
+            resident.update(zip(missing, moved))
+            self.experts_moved += len(missing)
+            h_BxTxD = self._experts(h_BxTxD, u, expert_BxTxK, gates, needed_d,
+                                    tuple(resident[int(e)] for e in needed))
+            keep = needed if len(needed) <= self.config.top_k else self._rng.choice(
+                needed, self.config.top_k, replace=False)
+            self.resident[l] = {int(e): resident[int(e)] for e in keep}
+        return h_BxTxD, new_cache
+
+    def prefill(self, ids_BxT, lengths_B, cache_len, seed, sampler: Sampler | None, greedy) -> DecodeState:
+        B, _ = ids_BxT.shape
+        cache = self._zeros(B, cache_len)
+        ids_d, lengths_d, seed_d = self.put((ids_BxT, lengths_B, np.int32(seed)))
+        start_B, last_B = self._first_pos(lengths_d)
+        h, cache = self._layers(*self._embed(self.params, ids_d, start_B), cache)
+        return self._head(greedy, self.params, h, last_B, cache, self._key(seed_d), sampler, lengths_d)
+
+    def begin(self, state: DecodeState, sampler: Sampler | None, greedy) -> Pending:
+        last_B, next_pos_B = self._next_pos(state.pos_B)
+        h, cache = self._layers(*self._embed(self.params, state.ids_Bx1, state.pos_B), state.cache)
+        return Pending(self._head(greedy, self.params, h, last_B, cache, state.key, sampler, next_pos_B))
+
+    def finish(self, pending: Pending, ids_B, sampler, greedy) -> DecodeState:
+        return pending.state

@@ -1,0 +1,346 @@
+"""Decoding: KV-cached generation against full passes, the LUT placements against the training-form model, the
+MoE-offloading baseline against the resident MoE, no retracing, no implicit transfers, sampling, bad input."""
+
+import json
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import reference
+from conftest import prime_config, write_hf_checkpoint
+from mole_jax import checkpoint, decode, hf, lut
+from mole_jax.config import MoleError
+from mole_jax.convert import convert_to_lut
+from mole_jax.decode import LanguageModel, Sampler, load, sample
+from mole_jax.model import init_params
+
+PROMPTS = [[5, 17, 96, 0, 3, 3, 41], [88, 2], [60, 71, 9, 13, 13, 13, 2, 40, 1, 7, 77]]  # lengths 7, 2, 11
+NEW = 12
+
+
+def _save_run(path, cfg, params, **meta):
+    mngr = checkpoint.manager(path / checkpoint.CHECKPOINTS, async_save=False)
+    checkpoint.save(mngr, 0, params, checkpoint.step_meta(cfg, 0, **meta))
+    mngr.close()
+    checkpoint.write_json_atomic(path / checkpoint.RUN_FILE, {"model_config": cfg.to_dict(), **meta})
+    return path
+
+
+@pytest.fixture(scope="module")
+def mole_run(tmp_path_factory):
+    """A MoLE training-form run and its float32 table."""
+    root = tmp_path_factory.mktemp("mole")
+    cfg = prime_config("mole")
+    run = _save_run(root / "run", cfg, init_params(cfg, seed=21))
+    convert_to_lut(run, root / "lut32", dtype="float32", progress=False)
+    return run, root / "lut32"
+
+
+@pytest.fixture(scope="module")
+def models(mole_run):
+    """Models shared by the tests of this module (built on first use), so that their compiled steps are reused."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            if variant == "mole-train":
+                cache[variant] = load(mole_run[0])
+            elif variant.startswith("mole-"):  # mole-host-split: the step split in two calls to overlap the fetch
+                cache[variant] = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
+                                      overlap=variant.endswith("-split"))
+            else:
+                cfg = prime_config(variant.split("-")[0])
+                cache[variant] = LanguageModel(cfg, init_params(cfg, seed=22), offload_experts=variant == "moe-offload")
+        return cache[variant]
+
+    return get
+
+
+def _assert_cached_logits_match(model, prompts, new, logits, rtol=1e-5):
+    """Each generated token's logits (from the KV cache) against one full pass over prompt + generated (the
+    sequences right-padded into one batch: causal, so the padding changes nothing before it)."""
+    seqs = [list(p) + ids[:-1] for p, ids in zip(prompts, new)]
+    width = max(map(len, seqs))
+    full = model.logits(np.array([s + [0] * (width - len(s)) for s in seqs]))
+    for p, ids, got, f in zip(prompts, new, logits, full):
+        assert len(ids) == len(got) > 0
+        want = f[len(p) - 1:len(p) - 1 + len(ids)]
+        assert np.all(np.isfinite(got))
+        scale = np.abs(want).max()
+        assert scale > 0.1
+        np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+        np.testing.assert_array_equal(np.argmax(want, axis=-1), ids)  # greedy picked the argmax of each
+
+
+# Must show: greedy generation with the LUT == training form, token for token; cached == full logits -----------
+@pytest.mark.parametrize("placement", ["device", "host", "storage", "host-split", "storage-split"])
+def test_lut_generation_equals_training_form(models, placement):
+    want = models("mole-train").generate(PROMPTS, NEW)
+    model = models(f"mole-{placement}")
+    assert "experts" not in model.params["blocks"][0] and "norm_expert" not in model.params["blocks"][0]
+    got, logits = model.generate(PROMPTS, NEW, return_logits=True)
+    assert got == want
+    assert len(set(sum(got, []))) > NEW  # not a degenerate output
+    _assert_cached_logits_match(model, PROMPTS, got, logits)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "mole-train"])
+def test_cached_logits_equal_full_sequence(models, kind):
+    model = models(kind)
+    new, logits = model.generate(PROMPTS, NEW, return_logits=True)
+    _assert_cached_logits_match(model, PROMPTS, new, logits)
+
+
+@pytest.mark.parametrize("kind", ["dense", "mole-storage-split", "moe-offload"])
+def test_batched_prompts_equal_each_alone(models, kind):
+    model = models(kind)
+    batched = model.generate(PROMPTS, NEW)
+    assert batched == [model.generate(p, NEW) for p in PROMPTS]
+    if kind == "dense":  # an int array of equal-length prompts works too
+        arr = np.array([PROMPTS[0], PROMPTS[0][::-1]])
+        assert model.generate(arr, 3) == [model.generate(list(row), 3) for row in arr]
+
+
+@pytest.mark.parametrize("scheme", ["bfloat16", "int8", "nf4"])
+def test_quantized_tables_dequantize_on_device_like_on_host(mole_run, tmp_path, scheme):
+    """The step dequantizes the stored rows on the device (lut.dequantize with jax.numpy), layer by layer; the
+    logits equal a full pass fed with the host's LookupTable.rows, and stay close to the float32 table's."""
+    run, lut32 = mole_run
+    convert_to_lut(run, tmp_path / scheme, dtype=scheme, progress=False)
+    model = load(run, lut=tmp_path / scheme, lut_placement="storage")
+    new, logits = model.generate(PROMPTS, 4, return_logits=True)
+    _assert_cached_logits_match(model, PROMPTS, new, logits)
+    exact = load(run, lut=lut32, lut_placement="device").logits(np.array(PROMPTS[2:]))
+    err = np.abs(model.logits(np.array(PROMPTS[2:])) - exact).max() / np.abs(exact).max()
+    assert 0 < err < {"bfloat16": 4e-3, "int8": 1e-2, "nf4": 0.1}[scheme], err  # measured 9e-4, 2e-3, 3e-2
+
+
+def test_inference_form_import_uses_its_table_and_matches_reference(tmp_path):
+    """The authors' inference form (model.moe_table.weight) imports to a run whose RUN_DIR/lut load() uses."""
+    cfg = prime_config("mole")
+    tensors = write_hf_checkpoint(tmp_path / "src", cfg, inference_form=True)
+    hf.import_hf(tmp_path / "src", tmp_path / "run")
+    model = load(tmp_path / "run", lut_placement="host")
+    assert model.table is not None and model.placement == "host"
+    new, logits = model.generate(PROMPTS, 4, return_logits=True)
+    hf_cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    for p, ids, got in zip(PROMPTS, new, logits):
+        ref = reference.forward(hf_cfg, tensors, np.array([p + ids[:-1]]))[0, len(p) - 1:]
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+# Must show: no retrace across steps, no implicit transfers ------------------------------------------------------
+STEP_FUNCTIONS = ("_prefill", "_step", "_prefill_pre", "_prefill_post", "_step_pre", "_step_post")
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload"])
+def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, variant):
+    """Generations of many steps, with other prompts of the same bucket and other sampling settings: each jitted
+    function is traced at most twice, once for greedy decoding and once for sampling (the settings are device
+    values). Under transfer_guard("disallow") every transfer is an explicit device_put / device_get. (The offload
+    baseline's per-layer functions are traced per number of experts moved; only its transfers are checked.)"""
+    chex.clear_trace_counter()
+    for name in STEP_FUNCTIONS:
+        monkeypatch.setattr(decode, name, chex.assert_max_traces(getattr(decode, name), n=2))
+    if variant.startswith("mole"):
+        model = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
+                     overlap=variant.endswith("-split"))
+    else:
+        cfg = prime_config(variant.split("-")[0])
+        model = LanguageModel(cfg, init_params(cfg, seed=24), offload_experts=variant == "moe-offload")
+    other = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [4], [50, 51, 52]]
+    with jax.transfer_guard("disallow"):
+        first = model.generate(PROMPTS, 20)
+        model.generate(other, 20)
+        assert model.generate(PROMPTS, 20) == first
+        a = model.generate(PROMPTS, 20, temperature=0.8, top_k=5, seed=1)
+        model.generate(other, 20, temperature=1.3, top_p=0.9, seed=2)
+        assert model.generate(PROMPTS, 20, temperature=0.8, top_k=5, seed=1) == a
+    chex.clear_trace_counter()
+
+
+def test_host_placement_moves_one_staging_buffer_per_step(mole_run):
+    run, lut_dir = mole_run
+    table = lut.open_lut(lut_dir)
+    model = load(run, lut=table, lut_placement="host")
+    B = len(PROMPTS)
+    steps = model.decoder
+
+    sizes = []
+    real_put = steps.put
+
+    def counting_put(tree):
+        sizes.append(decode.nbytes(tree))
+        return real_put(tree)
+
+    steps.put = counting_put
+    model.generate(PROMPTS, NEW)
+    # prefill: ids/lengths/seed, then one batched read of the distinct prompt ids (padded to a power of two);
+    # then exactly one put per decode step: B rows (distinct ids first, a fixed shape) and their inverse map
+    distinct = len(set(sum(PROMPTS, [])))
+    assert sizes[1] == decode._next_pow2(distinct) * table.row_nbytes + 4 * B * 16  # T bucket 16
+    assert sizes[2:] == [B * table.row_nbytes + 4 * B] * (NEW - 1)
+
+
+def test_moe_offload_equals_resident_and_counts_moves(models):
+    resident, offload = models("moe"), models("moe-offload")
+    cfg = resident.config
+    assert offload.generate(PROMPTS, NEW) == resident.generate(PROMPTS, NEW)
+    d = offload.decoder
+    expert_bytes = 2 * cfg.d_model * cfg.expert_dim * 4
+    assert d.expert_bytes == expert_bytes
+    # batch 1: after each step a layer keeps the top_k experts it used; the next step moves only new choices
+    moved, nbytes = d.experts_moved, d.h2d_bytes
+    out = offload.generate(PROMPTS[0], NEW)
+    assert out == resident.generate(PROMPTS[0], NEW)
+    assert all(len(r) <= cfg.top_k for r in d.resident)
+    per_step_max = cfg.num_layers * cfg.top_k
+    assert 0 < d.experts_moved - moved <= per_step_max * NEW + cfg.num_layers * cfg.num_experts
+    sent = d.h2d_bytes - nbytes
+    assert sent >= (d.experts_moved - moved) * expert_bytes
+    assert sent - (d.experts_moved - moved) * expert_bytes < 4096  # the rest is ids and prompts
+    assert offload.device_param_bytes < resident.device_param_bytes
+
+
+# Sampling -------------------------------------------------------------------------------------------------------
+def _sampler(t=1.0, k=10**9, p=1.0, V=6):
+    return Sampler(np.float32(t), np.int32(min(k, V)), np.float32(p))
+
+
+def test_sample_restricts_to_top_k_and_top_p():
+    logits = np.log(np.array([[0.05, 0.4, 0.1, 0.3, 0.15, 0.0001]], np.float32))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = jax.jit(jax.vmap(lambda k, s: sample(logits, k, s)[0], in_axes=(0, None)))
+    assert int(sample(logits, keys[0], None)[0]) == 1  # greedy
+    counts = np.bincount(np.asarray(draw(keys, _sampler())), minlength=6) / len(keys)
+    np.testing.assert_allclose(counts, [0.05, 0.4, 0.1, 0.3, 0.15, 0.0], atol=0.03)
+    assert set(np.asarray(draw(keys, _sampler(k=2)))) == {1, 3}
+    assert set(np.asarray(draw(keys, _sampler(k=1)))) == {1}
+    assert set(np.asarray(draw(keys, _sampler(p=0.65)))) == {1, 3}  # 0.4 + 0.3 reaches 0.65
+    assert set(np.asarray(draw(keys, _sampler(p=0.7001)))) == {1, 3, 4}
+    assert set(np.asarray(draw(keys, _sampler(k=3, p=0.99)))) == {1, 3, 4}
+    cold = np.bincount(np.asarray(draw(keys, _sampler(t=0.25))), minlength=6) / len(keys)
+    assert cold[1] > 0.7  # low temperature sharpens
+
+
+def test_sampled_generation_is_seeded(models):
+    model = models("dense")
+    a = model.generate(PROMPTS, 16, temperature=1.0, seed=3)
+    assert a == model.generate(PROMPTS, 16, temperature=1.0, seed=3)
+    assert a != model.generate(PROMPTS, 16, temperature=1.0, seed=4)
+    assert model.generate(PROMPTS, 8, temperature=1.0, top_k=1) == model.generate(PROMPTS, 8)
+
+
+def test_eos_stops_each_sequence(models):
+    model = models("dense")
+    full = model.generate(PROMPTS, NEW)
+    eos = full[0][4]
+    got = model.generate(PROMPTS, NEW, eos_id=eos)
+    for f, g in zip(full, got):
+        assert g == (f[:f.index(eos)] if eos in f else f)
+    steps = list(model.stream(PROMPTS, NEW, eos_id=eos))
+    assert [t for t in (s[0] for s in steps) if t is not None] == got[0]
+
+
+# Text ---------------------------------------------------------------------------------------------------------
+def test_generate_text_and_cli_streaming(tmp_path):
+    from mole_jax.data import train_tokenizer
+
+    docs = ["the cat sat on the mat. the dog sat on the log. " * 20, "a mole digs under the garden. " * 20]
+    tok = train_tokenizer(docs, 300)
+    cfg = prime_config("mole", vocab_size=300)
+    run = _save_run(tmp_path / "run", cfg, init_params(cfg, seed=28))
+    tok.save(str(run / checkpoint.TOKENIZER))
+    model = load(run)
+    text = model.generate_text("the cat", 10)
+    ids = model.generate(model.encode("the cat"), 10, eos_id=model.eos_id)
+    assert isinstance(text, str) and text == model.decode(ids)
+    r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "generate", str(run), "--prompt", "the cat",
+                        "--max-new-tokens", "10"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "the cat" + text + "\n"
+
+
+def test_cli_prompt_ids(mole_run, models):
+    run, lut_dir = mole_run
+    want = models("mole-train").generate(PROMPTS[2], 6)
+    r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "generate", str(run), "--lut", str(lut_dir),
+                        "--placement", "storage", "--prompt-ids", ",".join(map(str, PROMPTS[2])),
+                        "--max-new-tokens", "6"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in want]
+
+
+# Must show: bad input, one clear line each ------------------------------------------------------------------
+def test_bad_input_raises_one_clear_error(mole_run, models, tmp_path):
+    run, lut_dir = mole_run
+    model = models("mole-host")
+    ctx = model.config.max_seq_len
+    cases = [
+        (lambda: model.generate([], 4), "the prompt is empty"),
+        (lambda: model.generate([[1, 2], []], 4), "prompt 1 is empty"),
+        (lambda: model.generate(np.zeros((2, 0), np.int32), 4), "empty"),
+        (lambda: model.generate([1] * (ctx + 1), 4), f"exceeds the model's context of {ctx}"),
+        (lambda: model.generate([1] * (ctx - 2), 4), f"plus 4 new tokens exceeds the model's context of {ctx}"),
+        (lambda: model.generate([[1, 2], [3, 97]], 4), r"token id 97 is outside the vocabulary \[0, 97\)"),
+        (lambda: model.generate([-1, 2], 4), "token id -1 is outside the vocabulary"),
+        (lambda: model.generate([1.5, 2.0], 4), "must be integers"),
+        (lambda: model.generate([1, 2], 0), "max_new_tokens must be a positive integer"),
+        (lambda: model.generate([1, 2], 4, temperature=-1.0), "temperature must be >= 0"),
+        (lambda: model.generate([1, 2], 4, temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (lambda: model.generate([1, 2], 4, eos_id=97), "eos_id 97 is outside the vocabulary"),
+        (lambda: model.generate_text("hello", 4), "has no tokenizer"),
+        (lambda: load(run, lut=lut_dir, lut_placement="gpu"), "unknown LUT placement 'gpu'"),
+        (lambda: load(run, lut=tmp_path / "nope"), "not found"),
+    ]
+    # a table built from another checkpoint
+    cfg = prime_config("mole")
+    other = _save_run(tmp_path / "other", cfg, init_params(cfg, seed=99))
+    cases.append((lambda: load(other, lut=lut_dir), "was built from another checkpoint"))
+    dense_cfg = prime_config("dense")
+    dense = _save_run(tmp_path / "dense", dense_cfg, init_params(dense_cfg))
+    cases.append((lambda: load(dense, lut=lut_dir), "only for MoLE"))
+    cases.append((lambda: load(dense, offload_experts=True), "offloading is the MoE baseline"))
+    # an inference-form checkpoint whose table is missing
+    write_hf_checkpoint(tmp_path / "src", cfg, inference_form=True)
+    hf.import_hf(tmp_path / "src", tmp_path / "inf")
+    import shutil
+
+    shutil.rmtree(tmp_path / "inf" / checkpoint.LUT)
+    cases.append((lambda: load(tmp_path / "inf"), "inference form and needs its lookup table"))
+    for fn, msg in cases:
+        with pytest.raises(MoleError, match=msg) as e:
+            fn()
+        assert "\n" not in str(e.value), msg
+
+    cli = [sys.executable, "-m", "mole_jax.cli", "generate"]
+    for args, msg in [([str(run), "--prompt-ids", "1,2,97"], "outside the vocabulary"),
+                      ([str(other), "--lut", str(lut_dir), "--prompt-ids", "1,2"], "another checkpoint"),
+                      ([str(tmp_path / "inf"), "--prompt-ids", "1,2"], "needs its lookup table"),
+                      ([str(run), "--prompt", "hi"], "has no tokenizer"),
+                      ([str(run), "--prompt-ids", "1,x"], "--prompt-ids")]:
+        r = subprocess.run(cli + args, capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+# The benchmark runs (timings are for `mole-jax bench decode`, never asserted here) ----------------------------
+def test_bench_decode_runs(tmp_path):
+    from mole_jax.bench import bench_decode
+
+    out = bench_decode(preset_size="tiny", batch_sizes=(1,), prompt_len=16, steps=4, warmup=2, chunk=2,
+                       workdir=tmp_path, json_path=tmp_path / "decode.json")
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert rows == out["rows"]
+    models = ["dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [(m, 1) for m in models]
+    by = {(r["model"], r["batch_size"]): r for r in rows}
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["modeled_ms_per_step_16gbps"] >= r["compute_ms_per_step"]
+    assert by["dense", 1]["h2d_bytes_per_step"] == 0 and by["mole-device", 1]["h2d_bytes_per_step"] == 0
+    assert by["moe-offload", 1]["h2d_bytes_per_step"] > 10 * by["mole-host", 1]["h2d_bytes_per_step"] > 0
+    assert abs(by["mole-host", 1]["device_param_bytes"] / by["dense", 1]["device_param_bytes"] - 1) < 0.02

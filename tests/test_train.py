@@ -1,0 +1,379 @@
+"""Training: the step against plain references (dedup, accumulation, sharding), crash and resume, the CLI on the
+embedded default corpus, multi-host, and bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import prime_config
+from mole_jax import checkpoint, data, sharding, train
+from mole_jax.config import MoleError, TrainConfig, get_preset
+from mole_jax.model import graphdef_and_shapes, init_params
+
+# 10 steps of tiny-mole on 16 x 64 tokens: MoLE with dedup is the path with the most machinery.
+TC = TrainConfig(steps=10, batch_size=16, seq_len=64, peak_lr=3e-3, warmup_frac=0.1, checkpoint_every=5,
+                 eval_every=5, eval_batches=2, log_every=1)
+CLI = [sys.executable, "-m", "mole_jax.cli"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs below compile the same programs in several processes (a killed run and its resumption, the
+    uninterrupted reference): share them through JAX's persistent compilation cache, empty at the start of
+    each session so that nothing stale is reused."""
+    from jax._src import compilation_cache
+
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # for the subprocesses
+    for k, v in env.items():
+        jax.config.update(k.lower(), v if k.endswith("DIR") else int(v))
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """Real English (the language reference's prose) and a BPE tokenizer trained on it once for all tests."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("text")
+    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)))
+    tok = data.train_tokenizer([(root / "corpus.txt").read_text()], 512)
+    tok.save(str(root / "tokenizer.json"))
+    return root / "corpus.txt", root / "tokenizer.json"
+
+
+def _train(out, text_data, *, tc=TC, preset="tiny-mole", **kw):
+    return train.train(get_preset(preset), tc, out=out, data_source=text_data[0], tokenizer=text_data[1],
+                       preset=preset, progress=False, **kw)
+
+
+def _losses(result_or_path) -> dict[int, float]:
+    path = Path(result_or_path) / checkpoint.METRICS
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_data):
+    """The same 10-step run on 1 device and on 4 devices (fully sharded, per-device dedup)."""
+    root = tmp_path_factory.mktemp("runs")
+    return {n: _train(root / f"devices{n}", text_data, devices=n) for n in (1, 4)}
+
+
+# The step against plain references ------------------------------------------------------------------------------
+def test_sharded_equals_single_device(runs):
+    one, four = runs[1], runs[4]
+    assert one.dedup_rows > 0 and four.dedup_rows > 0  # dedup really ran: global on 1 device, per device on 4
+    a, b = _losses(one.out), _losses(four.out)
+    assert sorted(a) == list(range(1, 11)) and sorted(b) == list(range(1, 11))
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+    assert a[10] < a[1] - 0.3  # it trained
+    np.testing.assert_allclose(four.val_loss, one.val_loss, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dedup_case():
+    """A MoLE with prime dims, ids < 17 (many repeats), and the plain per-token path's loss and gradients."""
+    cfg = prime_config("mole", num_layers=2)
+    params = init_params(cfg, seed=1)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 17, (8, 12)), jnp.int32)
+    return cfg, params, tokens, jax.jit(train.make_grad_fn(cfg))(params, tokens)
+
+
+@pytest.mark.parametrize("devices,capacity", [(1, 17), (4, 17), (1, 3), (4, 3)])
+def test_dedup_equals_plain_loss_and_grads(dedup_case, devices, capacity):
+    """MoLE's dedup (per device on a mesh) against the per-token path: same loss, same gradients. Capacity 17
+    holds every distinct id; capacity 3 forces the exact per-token fallback."""
+    cfg, params, tokens, ((l0, _), g0) = dedup_case
+    mesh = sharding.make_mesh(devices)
+    (l1, m1), g1 = jax.jit(train.make_grad_fn(cfg, dedup_rows=capacity, mesh=mesh))(params, tokens)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    assert float(m1["dedup_overflow"]) == (0.0 if capacity == 17 else 1.0)
+    shares = np.asarray(tokens[:, :-1]).reshape(devices, -1)
+    np.testing.assert_allclose(m1["unique_fraction"], np.mean([np.unique(s).size / s.size for s in shares]))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(np.abs(b).max(), 1e-12))
+    assert np.abs(np.asarray(g0["embed_VxD"])).max() > 0  # gradients reach the embedding through the gather
+
+
+def test_grad_accumulation_equals_one_batch():
+    cfg = prime_config("mole", num_layers=1)
+    tc = TrainConfig(steps=5, batch_size=8, seq_len=11)
+    tx = train.make_optimizer(tc)
+    params = init_params(cfg)
+    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (8, 12)), jnp.int32)
+    out = {accum: jax.device_get(jax.jit(train.make_train_step(cfg, tc, tx))(state, tokens.reshape(accum, -1, 12))[1])
+           for accum in (1, 4)}
+    for k in ("loss", "grad_norm", "lr"):
+        np.testing.assert_allclose(out[4][k], out[1][k], rtol=1e-5, err_msg=k)
+
+
+def test_moe_objective_adds_aux_losses_mole_adds_none():
+    for kind in ("moe", "mole"):
+        cfg = prime_config(kind)
+        graphdef, _ = graphdef_and_shapes(cfg)
+        tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+        params = init_params(cfg)
+        objective, m = jax.jit(lambda p, t: train.loss_fn(p, graphdef, cfg, t))(params, tokens)
+        logits = jax.nn.log_softmax(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits_BxTxV)(params, tokens[:, :-1]))
+        ce = -np.mean(np.take_along_axis(np.asarray(logits), np.asarray(tokens[:, 1:, None]), -1))
+        np.testing.assert_allclose(m["loss"], ce, rtol=1e-6)
+        expected = ce + (0.01 * m["balance"] + 0.001 * m["router_z"] if kind == "moe" else 0.0)
+        np.testing.assert_allclose(objective, expected, rtol=1e-6)
+        assert (set(m) >= {"balance", "router_z"}) == (kind == "moe")
+
+
+def test_optimizer_recipe():
+    tc = TrainConfig(steps=1000, peak_lr=6e-4)
+    lr = train.lr_schedule(tc)
+    np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(505), lr(1000)],
+                               [6e-5, 6e-4, 6e-4, 3.3e-4, 6e-5], rtol=1e-4)  # warmup 10, cosine to 0.1x
+    cfg = prime_config("mole")
+    params = init_params(cfg)
+    tx = train.make_optimizer(tc)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    # decoupled weight decay 0.1 at lr(0) on matrices; RMSNorm scales are not decayed
+    np.testing.assert_allclose(updates["embed_VxD"], -6e-5 * 0.1 * params["embed_VxD"], rtol=1e-5)
+    assert np.all(np.asarray(updates["blocks"][0]["norm_post"]["scale_D"]) == 0)
+    assert np.all(np.asarray(updates["norm_out"]["scale_D"]) == 0)
+
+
+def test_flops_count_matches_paper_sized_ratio():
+    dense, mole = get_preset("small-dense"), get_preset("small-mole")
+    fd, fm = train.train_flops_per_token(dense, 256), train.train_flops_per_token(mole, 256)
+    assert 2.2 < fm / fd < 2.6  # "without dedup about 2.5x at the small presets"
+    assert fd < train.train_flops_per_token(mole, 256, expert_rows_per_token=0.1) < 1.3 * fd
+    n = dense.param_counts()["total"] - dense.vocab_size * dense.d_model  # matmul params (no embedding gather)
+    assert abs(fd - (6 * n + 3 * 4 * 256 * dense.d_model * dense.num_layers)) / fd < 0.01  # 6N + attention
+
+
+# Resume -------------------------------------------------------------------------------------------------------
+_CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from mole_jax import train
+    from mole_jax.config import TrainConfig, get_preset
+    out, text, tok, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    tc = TrainConfig(steps=40, batch_size=16, seq_len=64, peak_lr=3e-3, warmup_frac=0.1, checkpoint_every=20,
+                     eval_every=20, eval_batches=2, log_every=1)
+
+    def on_step(step, metrics):
+        if step == kill_at:  # after the step-20 checkpoint became durable (Orbax renames it into place)
+            while not (Path(out) / "checkpoints" / "20" / "params").is_dir():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train.train(get_preset("tiny-mole"), tc, out=out, data_source=text, tokenizer=tok, progress=False,
+                on_step=on_step)
+""")
+
+
+def test_crash_and_resume_equals_uninterrupted(tmp_path, text_data):
+    script = tmp_path / "run.py"
+    script.write_text(_CRASH_SCRIPT)
+    cmd = [sys.executable, str(script), str(tmp_path / "crashed"), str(text_data[0]), str(text_data[1])]
+    killed = subprocess.run(cmd + ["27"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert checkpoint.locate(tmp_path / "crashed").step == 20
+    assert max(_losses(tmp_path / "crashed")) >= 26  # it had logged past the checkpoint when it died
+    resumed = subprocess.run(cmd + ["0"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    tc = TrainConfig(**{**TC.to_dict(), "steps": 40, "checkpoint_every": 20, "eval_every": 20})
+    reference = _train(tmp_path / "uninterrupted", text_data, tc=tc)
+    _, got = checkpoint.restore_params(tmp_path / "crashed", as_numpy=True)
+    _, want = checkpoint.restore_params(reference.out, as_numpy=True)
+    assert checkpoint.locate(tmp_path / "crashed").step == 40
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+    lines = [json.loads(x) for x in (tmp_path / "crashed" / checkpoint.METRICS).read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 41))  # the killed run's steps 21-27 were replaced
+    np.testing.assert_allclose([r["loss"] for r in lines], [r["loss"] for r in reference.history], rtol=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_on_another_device_count(tmp_path, text_data, runs):
+    def stop_at_5(step, metrics):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _train(tmp_path / "run", text_data, devices=4, on_step=stop_at_5)
+    assert checkpoint.locate(tmp_path / "run").step == 5
+    result = _train(tmp_path / "run", text_data, devices=2)  # the same call on 2 devices continues at step 6
+    assert [r["step"] for r in result.history] == list(range(6, 11))
+    want = _losses(runs[4].out)
+    np.testing.assert_allclose([r["loss"] for r in result.history], [want[s] for s in range(6, 11)], rtol=1e-5)
+    assert json.loads((tmp_path / "run" / checkpoint.RUN_FILE).read_text())["devices"] == 2
+    # a finished run is complete: rerunning trains nothing
+    again = _train(tmp_path / "run", text_data, devices=2)
+    assert again.history == [] and again.step == 10
+
+
+# Multi-host ---------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, text_data, runs):
+    """Two CPU processes of 2 devices each (jax.distributed over localhost), each feeding only its own rows of
+    every batch: the same losses as one process with 4 devices."""
+    port = _free_port()
+    args = ["train", "--preset", "tiny-mole", "--data", str(text_data[0]), "--tokenizer", str(text_data[1]),
+            "--out", str(tmp_path / "run"), "--steps", "10", "--batch-size", "16", "--seq-len", "64", "--lr", "3e-3",
+            "--warmup-frac", "0.1", "--checkpoint-every", "5", "--eval-every", "5", "--eval-batches", "2",
+            "--log-every", "1", "--no-progress"]
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "trained tiny-mole to step 10" in outs[0][0] and "trained" not in outs[1][0]  # process 0 reports
+    run = json.loads((tmp_path / "run" / checkpoint.RUN_FILE).read_text())
+    assert run["processes"] == 2 and run["devices"] == 4
+    got, want = _losses(tmp_path / "run"), _losses(runs[4].out)
+    np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], rtol=1e-5)
+
+
+# The CLI on the embedded default corpus --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    cmd = CLI + ["train", "--preset", "tiny-mole", "--out", str(out), "--steps", "120", "--batch-size", "16",
+                 "--seq-len", "64", "--lr", "3e-3", "--checkpoint-every", "60", "--eval-every", "40"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, cmd, r
+
+
+def test_loss_falls_on_the_default_corpus(cli_run):
+    out, _, r = cli_run
+    assert "trained tiny-mole to step 120" in r.stdout
+    assert "loss=" in r.stderr and "tok_s=" in r.stderr  # the progress bar
+    lines = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "unique_fraction"} <= set(lines[0])
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in lines)
+    val = [r["val_loss"] for r in lines if "val_loss" in r]
+    assert len(val) == 3 and val[0] > val[1] > val[2]
+    assert val[-1] < np.log(512) - 1.5  # from uniform (ln 512 = 6.24) to clearly below, in seconds of training
+    assert lines[-1]["loss"] < lines[0]["loss"] - 1.0
+    run = json.loads((out / checkpoint.RUN_FILE).read_text())
+    assert run["data"]["kind"] == "default" and run["preset"] == "tiny-mole" and run["dedup"]["rows"] > 0
+    assert (out / checkpoint.TOKENIZER).is_file()
+    assert sorted(int(p.name) for p in (out / checkpoint.CHECKPOINTS).iterdir()) == [60, 120]
+
+
+def test_eval_cli_and_load(cli_run, tmp_path):
+    import mole_jax
+
+    out, _, _ = cli_run
+    lines = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
+    r = subprocess.run(CLI + ["eval", str(out), "--max-windows", "128", "--json", str(tmp_path / "e.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["tokens"] == 128 * 64 and result["split"] == "val" and result["step"] == 120
+    np.testing.assert_allclose(result["loss"], lines[-1]["val_loss"], rtol=1e-5)  # the loop's validation batches
+    np.testing.assert_allclose(result["perplexity"], np.exp(result["loss"]), rtol=1e-6)
+    assert f"loss {result['loss']:.4f}" in r.stdout and "perplexity" in r.stdout
+    model = mole_jax.load(out)
+    assert model.config == get_preset("tiny-mole") and model.run_dir == out
+    tokens = data.load_tokenizer(out / checkpoint.TOKENIZER).encode("The if statement is used for").ids
+    assert np.all(np.isfinite(model.logits(np.asarray([tokens]))))
+    train_split = train.evaluate(out, split="train", max_windows=64, devices=2)
+    assert train_split["tokens"] == 64 * 64 and np.isfinite(train_split["loss"])
+
+
+# Bad input ----------------------------------------------------------------------------------------------------
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _cli_error(args) -> str:
+    r = subprocess.run(CLI + args, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_bad_input_one_line_nothing_written(cli_run, tmp_path, text_data):
+    out, _, _ = cli_run
+    before = _snapshot(out)
+    base = ["train", "--preset", "tiny-mole", "--steps", "5"]
+    (tmp_path / "empty.txt").write_text("")
+    big = data.train_tokenizer([text_data[0].read_text()], 600)
+    big.save(str(tmp_path / "big.json"))
+    cases = {
+        "missing": (["--data", str(tmp_path / "nope.txt")], "does not exist"),
+        "empty": (["--data", str(tmp_path / "empty.txt")], "is empty"),
+        "seq_len": (["--seq-len", "129"], "sequence length 129 exceeds the model's maximum of 128"),
+        "tokenizer": (["--data", str(text_data[0]), "--tokenizer", str(tmp_path / "big.json")],
+                      "the tokenizer has 600 tokens but the model's vocab_size is 512"),
+    }
+    for name, (extra, msg) in cases.items():
+        line = _cli_error(base + extra + ["--out", str(tmp_path / name)])
+        assert msg in line, (name, line)
+        assert not (tmp_path / name).exists(), name
+    # an OUT holding a run of another preset, or other settings: refused, untouched
+    assert "holds a run of preset tiny-mole, not tiny-dense" in _cli_error(["train", "--preset", "tiny-dense",
+                                                                            "--steps", "5", "--out", str(out)])
+    with pytest.raises(MoleError, match="another model .*num_experts: 4 -> 5"):  # the same preset, changed
+        train.train(get_preset("tiny-mole").replace(num_experts=5), TC, out=out, progress=False)
+    assert "other training settings" in _cli_error(["train", "--preset", "tiny-mole", "--steps", "200",
+                                                    "--batch-size", "16", "--seq-len", "32", "--out", str(out)])
+    with pytest.raises(MoleError, match="other data"):
+        train.train(get_preset("tiny-mole"), TrainConfig(steps=200, batch_size=16, seq_len=64, peak_lr=3e-3,
+                                                         checkpoint_every=60, eval_every=40),
+                    out=out, data_source=text_data[0], progress=False)
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("mine")
+    with pytest.raises(MoleError, match="not a mole-jax run directory"):
+        _train(tmp_path / "stranger", text_data)
+    assert _snapshot(out) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_data):
+    tc = TrainConfig(**{**TC.to_dict(), "peak_lr": 1e30, "checkpoint_every": 1, "eval_every": 0})
+    with pytest.raises(MoleError, match=r"non-finite loss at step (\d+)") as e:
+        _train(tmp_path / "run", text_data, tc=tc, preset="tiny-dense")
+    bad = int(e.value.args[0].split("at step ")[1].split()[0])
+    assert f"last good checkpoint is step {bad - 1}" in str(e.value)
+    assert checkpoint.locate(tmp_path / "run").step == bad - 1
+    _, params = checkpoint.restore_params(tmp_path / "run", as_numpy=True)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+    assert max(_losses(tmp_path / "run")) == bad - 1  # nothing logged for the bad step
+
+
+def test_batch_must_split_over_devices(tmp_path, text_data):
+    with pytest.raises(MoleError, match="cannot be split over 4 devices"):
+        _train(tmp_path / "run", text_data, tc=TrainConfig(steps=2, batch_size=6, seq_len=16), devices=4)
+    with pytest.raises(MoleError, match="not divisible by grad accumulation"):
+        _train(tmp_path / "run", text_data, tc=TrainConfig(steps=2, batch_size=8, grad_accum=3, seq_len=16))
+    assert not (tmp_path / "run").exists()
