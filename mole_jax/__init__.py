@@ -8,6 +8,8 @@ The public API (kept small; everything else is reachable through the modules):
     convert_to_lut(ckpt, lut_dir, dtype)  MoLE's re-parameterisation: experts -> lookup table on storage
     open_lut(lut_dir)              a table: .rows(ids) -> float32 [len(ids), L, N, d]
     MoleError                      bad input (the CLI prints it on one line and exits 2)
+    evaluate(run_dir, data_source, split)   loss (nats), perplexity, tokens of a checkpoint on text
+Training lives in the module of its name: `from mole_jax.train import train` (train or resume a run directory).
 """
 
 from mole_jax.config import ModelConfig, MoleError, TrainConfig, get_preset, presets
@@ -15,7 +17,8 @@ from mole_jax.decode import LanguageModel, load
 from mole_jax.hf import export_hf, import_hf
 from mole_jax.convert import convert_to_lut
 from mole_jax.lut import open_lut
+from mole_jax.train import evaluate
 
 __all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", "LanguageModel", "load",
-           "import_hf", "export_hf", "convert_to_lut", "open_lut"]
+           "import_hf", "export_hf", "convert_to_lut", "open_lut", "evaluate"]
 __version__ = "0.1.0"

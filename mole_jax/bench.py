@@ -323,7 +323,7 @@ def bench_decode(preset_size: str = "small", batch_sizes: Sequence[int] = (1, 8,
     if preset_size not in DECODE_FAMILIES:
         raise MoleError(f"unknown preset size {preset_size!r}: choose one of {', '.join(DECODE_FAMILIES)}")
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    cache_len = decode._next_pow2(prompt_len + warmup + chunk + 1)  # the bucket generate() would use
+    cache_len = prompt_len + warmup + chunk + 1  # as the paper's HF cache: the positions in use, no bucket
     cfgs = {}
     for kind, name in zip(("dense", "moe", "mole"), DECODE_FAMILIES[preset_size]):
         c = get_preset(name)  # a longer context than the preset's is fine for timing: RoPE has no table
@@ -352,7 +352,7 @@ def bench_decode(preset_size: str = "small", batch_sizes: Sequence[int] = (1, 8,
         lut.write_table(Path(tmp) / "lut", mole, lut_dtype, random_rows, source={"random": "bench decode"})
         table = lut.open_lut(Path(tmp) / "lut")
         print(f"random {lut_dtype} table {table.shape}, {table.nbytes / 2**20:.1f} MiB, "
-                 f"{table.row_nbytes:,} bytes/row, written in {time.perf_counter() - t0:.1f} s")
+              f"{table.row_nbytes:,} bytes/row, written in {time.perf_counter() - t0:.1f} s")
         moe_params = init_params(cfgs["moe"], seed=1)
         mole_params = init_params(mole, seed=2, with_experts=False)
         models = {"dense": decode.LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0)),
@@ -375,7 +375,7 @@ def bench_decode(preset_size: str = "small", batch_sizes: Sequence[int] = (1, 8,
                              "h2d_bytes_per_step": sent[name] / len(times[name]),
                              "device_param_bytes": model.device_param_bytes})
                 print(f"  {name:<13} batch {B:>3}: {rows[-1]['ms_per_step']:8.3f} ms/step, "
-                         f"{rows[-1]['h2d_bytes_per_step']:,.0f} bytes/step host->device")
+                      f"{rows[-1]['h2d_bytes_per_step']:,.0f} bytes/step host->device")
         del models
     by = {(r["model"], r["batch_size"]): r for r in rows}
     resident = {"dense": "dense", "moe": "moe", "moe-offload": "moe"}
@@ -399,10 +399,9 @@ def bench_decode(preset_size: str = "small", batch_sizes: Sequence[int] = (1, 8,
     }
     for k, v in summary.items():
         print(f"{k}: " + (", ".join(f"batch {B} {x:.3g}" for B, x in v.items()) if isinstance(v, dict)
-                             else f"{v:.4f}"))
-    print(f"(random weights and a random {lut_dtype} table; KV cache of {prompt_len} random positions in a "
-             f"{cache_len} bucket; median of {steps} steps per model in turns of {chunk}; {dtype} on "
-             f"{machine()['device']})")
+                          else f"{v:.4f}"))
+    print(f"(random weights and a random {lut_dtype} table; KV cache of {prompt_len} random positions; median of "
+          f"{steps} steps per model in turns of {chunk}; {dtype} on {machine()['device']})")
     payload = {"benchmark": "decode", "machine": machine(), "rows": rows, "summary": summary,
                "settings": {"preset_size": preset_size, "models": dict(zip(("dense", "moe", "mole"),
                                                                             DECODE_FAMILIES[preset_size])),

@@ -316,7 +316,7 @@ def _cmd_eval(args):
     from mole_jax.train import evaluate
 
     r = evaluate(args.run_dir, data_source=args.data, split=args.split, batch_size=args.batch_size,
-                 devices=args.devices, max_windows=args.max_windows)
+                 seq_len=args.seq_len, devices=args.devices, max_windows=args.max_windows)
     print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  tokens {r['tokens']:,}  "
           f"(split {r['split']}, step {r['step']})")
     if args.json:
@@ -333,6 +333,7 @@ def _add_eval(sub):
                    help="the run's deterministic validation or training windows, or every window (val)")
     p.add_argument("--json", help="also write {loss (nats), perplexity, tokens, ...} to this file")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's micro-batch)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the run's; 128 for an imported checkpoint)")
     p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     p.add_argument("--devices", type=int, help="devices to use (default: all)")
     p.set_defaults(func=_cmd_eval)

@@ -252,14 +252,17 @@ class Feeder:
 
 
 # Dedup capacity -----------------------------------------------------------------------------------------------
-def choose_dedup_rows(batches: data.Batches, num_micro: int, groups: int, vocab_size: int, *, probe_steps: int = 4,
-                      headroom: float = 1.25) -> dict[str, Any]:
+def choose_dedup_rows(batches: data.Batches, num_micro: int, groups: int, vocab_size: int, *, probe_steps: int = 8,
+                      headroom: float = 1.1) -> dict[str, Any]:
     """The static distinct-id capacity U of MoLE's dedup, from the first batches of the run's own data.
 
     Each of the `groups` devices deduplicates its own share of a micro-batch (M tokens). U is the most distinct ids
-    seen in a share times `headroom`, rounded up to a multiple of 128 (of 8 for shares under 2,048 tokens), at most
-    min(M, V). A later share with more distinct ids is still exact: the model falls back to the per-token path
-    for it (counted by the `dedup_overflow` metric). U = 0 (dedup off) when it cannot save work (U = M)."""
+    seen in a share of the first `probe_steps` steps times `headroom`, rounded up to a multiple of 128 (of 8 for
+    shares under 2,048 tokens), at most min(M, V). The count of distinct ids in M tokens of text varies little
+    (on the default corpus the standard deviation is 2-4% of the mean, and the most over 60 batches was within 4%
+    of the most over the first 4), so 10% headroom rarely overflows; a share that does is still exact: the model
+    falls back to the per-token path for it (the `dedup_overflow` metric counts them). Every padded row of U costs
+    expert work, hence no more headroom than that. U = 0 (dedup off) when it cannot save work (U = M)."""
     tokens_M = batches.batch_size // num_micro // groups * batches.seq_len
     counts = []
     for step in range(probe_steps):
