@@ -3,7 +3,8 @@
 The public API (kept small; everything else is reachable through the modules):
     presets                        name -> ModelConfig (the paper's Table 2 and CPU-sized tiny-*/small-*)
     ModelConfig, TrainConfig       configuration
-    load(path)                     a checkpoint -> LanguageModel with .config and .logits(ids)
+    load(path, lut=None, lut_placement="device")   a checkpoint -> LanguageModel: .logits(ids),
+                                   .generate(prompts, max_new_tokens, ...), .stream(...), .generate_text(text, ...)
     import_hf(src, out), export_hf(ckpt, out)   the authors' checkpoints in and out
     convert_to_lut(ckpt, lut_dir, dtype)  MoLE's re-parameterisation: experts -> lookup table on storage
     open_lut(lut_dir)              a table: .rows(ids) -> float32 [len(ids), L, N, d]

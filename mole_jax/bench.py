@@ -79,16 +79,15 @@ def write_json(path: str | Path | None, payload: Any) -> None:
 
 # mole-jax bench train ----------------------------------------------------------------------------------------
 def bench_train(preset_size: str = "small", tokens_per_step: Sequence[int] = (4096, 16384, 65536),
-                seq_len: int = 256, micro_tokens: int = 16384, iters: int = 3, dtype: str = "auto",
+                seq_len: int = 256, micro_tokens: int = 16384, iters: int = 5, dtype: str = "auto",
                 devices: int | None = None, json_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Train-step time of {size}-dense, {size}-mole with dedup and {size}-mole without (equal activated size),
     side by side in one run, at several tokens per step (micro-batches of at most `micro_tokens`, accumulated).
-    Every row is one jitted, sharded, donated step (train.make_train_step) on windows of the embedded English
-    corpus (tokenised by a BPE of the preset's vocabulary), timed as the median of `iters` steps after a warmup.
-    Achieved FLOP/s count the model's matmuls analytically (train.train_flops_per_token; with dedup the experts
-    on the distinct ids only), against a matmul peak measured in the same run."""
-    import numpy as np
-
+    Every variant is one jitted, sharded, donated step (train.make_train_step) on windows of the embedded English
+    corpus (tokenised by a BPE of the preset's vocabulary). The three variants of a step size are timed in turn,
+    round-robin, `iters` times after a warmup, so that a machine whose load drifts slows them alike; the row holds
+    the median. Achieved FLOP/s count the model's matmuls analytically (train.train_flops_per_token; with dedup
+    the experts on the rows they actually run on), against a matmul peak measured in the same run."""
     from mole_jax import data, sharding, train
     from mole_jax.config import MoleError, TrainConfig, get_preset
 
@@ -111,12 +110,21 @@ def bench_train(preset_size: str = "small", tokens_per_step: Sequence[int] = (40
                          grad_accum=tokens // seq_len // micro)
         batches = data.Batches(corpus.tokens, train_windows, seq_len=seq_len, batch_size=tc.batch_size, seed=0,
                                vocab_size=mole.vocab_size)
-        dedup = train.choose_dedup_rows(batches, tc.grad_accum, mesh.size, mole.vocab_size)
-        for name, cfg, dedup_rows in (("dense", dense, 0), ("mole-dedup", mole, dedup["rows"]),
-                                      ("mole-plain", mole, 0)):
+        dedup_rows = train.choose_dedup_rows(batches, tc.grad_accum, mesh.size, mole.vocab_size)["rows"]
+        variants = {"dense": _TrainStep(dense, tc, mesh, batches, 0),
+                    "mole-dedup": _TrainStep(mole, tc, mesh, batches, dedup_rows),
+                    "mole-plain": _TrainStep(mole, tc, mesh, batches, 0)}
+        secs: dict[str, list[float]] = {name: [] for name in variants}
+        for i in range(1 + iters):
+            for name, step in variants.items():
+                t = step.time_one()
+                if i:  # the first round is the warmup
+                    secs[name].append(t)
+        for name, step in variants.items():
             rows.append({"model": name, "preset": f"{preset_size}-{name.split('-')[0]}",
-                         **_time_train_step(cfg, tc, mesh, batches, dedup_rows, iters, peak)})
+                         **step.row(median(secs[name]), peak)})
             print(f"  {name} at {tokens} tokens/step: {rows[-1]['step_ms']:.0f} ms", file=sys.stderr)
+        del variants
     for r in rows:
         base = next(d for d in rows if d["model"] == "dense" and d["tokens_per_step"] == r["tokens_per_step"])
         r["step_time_vs_dense"] = r["step_ms"] / base["step_ms"]
@@ -133,37 +141,47 @@ def bench_train(preset_size: str = "small", tokens_per_step: Sequence[int] = (40
     return rows
 
 
-def _time_train_step(cfg, tc, mesh, batches, dedup_rows, iters, peak) -> dict[str, Any]:
-    from mole_jax import train
+class _TrainStep:
+    """One compiled train step of bench_train with its own state (donated and replaced at every call)."""
 
-    tx = train.make_optimizer(tc)
-    shardings = train.state_shardings(cfg, tx, mesh)
-    feed = train.Feeder(mesh, tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len)
-    step = jax.jit(train.make_train_step(cfg, tc, tx, dedup_rows=dedup_rows, mesh=mesh,
-                                         param_shardings=shardings.params),
-                   in_shardings=(shardings, feed.sharding), out_shardings=(shardings, None), donate_argnums=0)
-    box = {"state": train.init_state(cfg, tx, 0, shardings)}
-    batch = feed(lambda r: batches.batch(0, r))
-    compiled = step.lower(box["state"], batch).compile()
+    def __init__(self, cfg, tc, mesh, batches, dedup_rows: int):
+        from mole_jax import train
 
-    def call():
-        box["state"], metrics = compiled(box["state"], batch)
-        return metrics
+        self.cfg, self.tc, self.mesh, self.dedup_rows = cfg, tc, mesh, dedup_rows
+        tx = train.make_optimizer(tc)
+        shardings = train.state_shardings(cfg, tx, mesh)
+        feed = train.Feeder(mesh, tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len)
+        step = jax.jit(train.make_train_step(cfg, tc, tx, dedup_rows=dedup_rows, mesh=mesh,
+                                             param_shardings=shardings.params),
+                       in_shardings=(shardings, feed.sharding), out_shardings=(shardings, None), donate_argnums=0)
+        self.state = train.init_state(cfg, tx, 0, shardings)
+        self.batch = feed(lambda r: batches.batch(0, r))
+        self.compiled = step.lower(self.state, self.batch).compile()
+        self.metrics = None
 
-    secs = median(time_calls(call, warmup=1, iters=iters))
-    metrics = jax.device_get(call())
-    tokens = tc.batch_size * tc.seq_len
-    unique = float(metrics["unique_fraction"]) if cfg.kind == "mole" else None
-    expert_rows = 1.0  # per token; with dedup the experts run on the U rows of each device's share of M tokens
-    if dedup_rows:
-        overflow = float(metrics["dedup_overflow"])  # shares that took the per-token path
-        expert_rows = (1 - overflow) * dedup_rows / (tokens // tc.grad_accum // mesh.size) + overflow
-    flops = train.train_flops_per_token(cfg, tc.seq_len, expert_rows) * tokens
-    return {"tokens_per_step": tokens, "batch_size": tc.batch_size,
-            "grad_accum": tc.grad_accum, "seq_len": tc.seq_len, "step_ms": secs * 1e3, "tokens_per_s": tokens / secs,
-            "unique_fraction": unique, "dedup_rows": dedup_rows if cfg.kind == "mole" else None,
-            "flops_per_step": flops, "achieved_flops_per_s": flops / secs, "matmul_peak_flops_per_s": peak,
-            "fraction_of_peak": flops / secs / peak, "loss": float(metrics["loss"])}
+    def time_one(self) -> float:
+        t0 = time.perf_counter()
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+        block(self.metrics)
+        return time.perf_counter() - t0
+
+    def row(self, secs: float, peak: float) -> dict[str, Any]:
+        from mole_jax import train
+
+        metrics = jax.device_get(self.metrics)
+        tc, tokens = self.tc, self.tc.batch_size * self.tc.seq_len
+        unique = float(metrics["unique_fraction"]) if self.cfg.kind == "mole" else None
+        expert_rows = 1.0  # per token; with dedup the experts run on the U rows of each device's share
+        if self.dedup_rows:
+            overflow = float(metrics["dedup_overflow"])  # shares that took the per-token path
+            share = tokens // tc.grad_accum // self.mesh.size
+            expert_rows = (1 - overflow) * self.dedup_rows / share + overflow
+        flops = train.train_flops_per_token(self.cfg, tc.seq_len, expert_rows) * tokens
+        return {"tokens_per_step": tokens, "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+                "seq_len": tc.seq_len, "step_ms": secs * 1e3, "tokens_per_s": tokens / secs,
+                "unique_fraction": unique, "dedup_rows": self.dedup_rows if self.cfg.kind == "mole" else None,
+                "flops_per_step": flops, "achieved_flops_per_s": flops / secs, "matmul_peak_flops_per_s": peak,
+                "fraction_of_peak": flops / secs / peak, "loss": float(metrics["loss"])}
 
 
 # mole-jax bench convert --------------------------------------------------------------------------------------
@@ -346,44 +364,55 @@ def bench_decode(preset_size: str = "small", batch_sizes: Sequence[int] = (1, 8,
             sent.append(dec.h2d_bytes)
         return np.diff(stamps[warmup:]).tolist(), sent[-1] - sent[warmup]
 
-    rows = []
+    rows, dense_times, dense_sent = [], {B: [] for B in batch_sizes}, {B: 0 for B in batch_sizes}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
         lut.write_table(Path(tmp) / "lut", mole, lut_dtype, random_rows, source={"random": "bench decode"})
         table = lut.open_lut(Path(tmp) / "lut")
         print(f"random {lut_dtype} table {table.shape}, {table.nbytes / 2**20:.1f} MiB, "
               f"{table.row_nbytes:,} bytes/row, written in {time.perf_counter() - t0:.1f} s")
-        moe_params = init_params(cfgs["moe"], seed=1)
-        mole_params = init_params(mole, seed=2, with_experts=False)
-        models = {"dense": decode.LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0)),
-                  "moe": decode.LanguageModel(cfgs["moe"], moe_params),
-                  "moe-offload": decode.LanguageModel(cfgs["moe"], moe_params, offload_experts=True),
-                  **{f"mole-{p}": decode.LanguageModel(mole, mole_params, table=table, placement=p)
-                     for p in ("device", "host", "storage")}}
-        for B in batch_sizes:
-            template = decode.random_state(mole, B, prompt_len, cache_len, seed=B)  # one backbone for all
-            times, sent = {m: [] for m in models}, {m: 0 for m in models}
-            for r in range(-(-steps // chunk)):
-                order = list(models)[r % len(models):] + list(models)[:r % len(models)]
-                for name in order:
-                    t, b = turn(models[name], template, min(chunk, steps - len(times[name])))
-                    times[name] += t
-                    sent[name] += b
-            del template
-            for name, model in models.items():
+        build = {"moe": lambda: decode.LanguageModel(cfgs["moe"], init_params(cfgs["moe"], seed=1)),
+                 "moe-offload": lambda: decode.LanguageModel(cfgs["moe"], init_params(cfgs["moe"], seed=1),
+                                                             offload_experts=True),
+                 **{f"mole-{p}": (lambda p=p: decode.LanguageModel(mole, init_params(mole, seed=2, with_experts=False),
+                                                                   table=table, placement=p))
+                    for p in ("device", "host", "storage")}}
+        dense = decode.LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0))
+        # Each model takes turns with dense (its own ratio is then immune to a drifting machine load), one model
+        # at a time: a 160M MoLE table is 3.5 GiB per copy.
+        for name in DECODE_MODELS[1:]:
+            model = build[name]()
+            for B in batch_sizes:
+                template = decode.random_state(mole, B, prompt_len, cache_len, seed=B)  # one backbone for all
+                times, sent = {name: [], "dense": []}, {name: 0, "dense": 0}
+                for r in range(-(-steps // chunk)):
+                    n = min(chunk, steps - len(times[name]))
+                    for who, m in ((name, model), ("dense", dense))[::1 if r % 2 else -1]:
+                        t, b = turn(m, template, n)
+                        times[who] += t
+                        sent[who] += b
+                del template
+                dense_times[B] += times["dense"]
+                dense_sent[B] += sent["dense"]
                 rows.append({"model": name, "batch_size": B, "ms_per_step": median(times[name]) * 1e3,
+                             "vs_dense": median(times[name]) / median(times["dense"]),
                              "h2d_bytes_per_step": sent[name] / len(times[name]),
                              "device_param_bytes": model.device_param_bytes})
-                print(f"  {name:<13} batch {B:>3}: {rows[-1]['ms_per_step']:8.3f} ms/step, "
+                print(f"  {name:<13} batch {B:>3}: {rows[-1]['ms_per_step']:8.3f} ms/step "
+                      f"({rows[-1]['vs_dense']:.3f} x dense in the same turns), "
                       f"{rows[-1]['h2d_bytes_per_step']:,.0f} bytes/step host->device")
-        del models
+            del model
+        rows += [{"model": "dense", "batch_size": B, "ms_per_step": median(dense_times[B]) * 1e3, "vs_dense": 1.0,
+                  "h2d_bytes_per_step": dense_sent[B] / len(dense_times[B]),
+                  "device_param_bytes": dense.device_param_bytes} for B in batch_sizes]
+        del dense
+    rows.sort(key=lambda r: (r["batch_size"], DECODE_MODELS.index(r["model"])))
     by = {(r["model"], r["batch_size"]): r for r in rows}
     resident = {"dense": "dense", "moe": "moe", "moe-offload": "moe"}
     for r in rows:
         base = by[resident.get(r["model"], "mole-device"), r["batch_size"]]
         r["compute_ms_per_step"] = base["ms_per_step"]
         r[modeled_key] = base["ms_per_step"] + r["h2d_bytes_per_step"] / (link_gbps * 1e9) * 1e3
-        r["vs_dense"] = r["ms_per_step"] / by["dense", r["batch_size"]]["ms_per_step"]
 
     print("")
     print_table(rows, ["model", "batch_size", "ms_per_step", "vs_dense", "h2d_bytes_per_step", "device_param_bytes",

@@ -245,6 +245,8 @@ def open_corpus(data=None, *, vocab_size: int, tokenizer=None) -> Corpus:
     if tokenizer is not None:
         check_tokenizer(tokenizer, vocab_size)
 
+    if isinstance(data, (list, tuple)) and len(data) == 1:  # the CLI's --data gives a list
+        data = data[0]
     if data is None or (isinstance(data, str) and data == DEFAULT):
         docs, desc = default_documents(), {"kind": "default", "paths": []}
     elif isinstance(data, str) and data.startswith("hf:"):

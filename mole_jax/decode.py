@@ -234,46 +234,56 @@ def _full_logits(graphdef, params, ids_BxT, lut_rows):
 
 
 # Row sources for the host and storage placements -------------------------------------------------------------
-class _HostRows:
-    """The stored table in host RAM; rows gathered into reused staging buffers. Two buffers per shape, used in
-    turn: the buffer sent at step t is rewritten at step t+2, when step t has long finished with it."""
+class _Staging:
+    """Reused host buffers for a step's stored rows, in the table's stored form. Two per shape, used in turn: a
+    buffer is rewritten two steps after it was sent, when that step's transfer (asynchronous, or a zero-copy alias
+    on CPU) and computation are long over."""
 
     def __init__(self, table):
-        self.stored = table.read_all_stored()
-        self._staging: dict[int, list[dict[str, np.ndarray]]] = {}
+        self.form = table.layout.arrays  # {name: (row shape, dtype)}
+        self._buffers: dict[int, list[dict[str, np.ndarray]]] = {}
         self._turn = 0
 
-    def _buffer(self, num_rows: int) -> dict[str, np.ndarray]:
-        pair = self._staging.get(num_rows)
+    def buffer(self, num_rows: int) -> dict[str, np.ndarray]:
+        pair = self._buffers.get(num_rows)
         if pair is None:
-            pair = self._staging[num_rows] = [
-                {k: np.empty((num_rows, *v.shape[1:]), v.dtype) for k, v in self.stored.items()} for _ in range(2)]
+            pair = self._buffers[num_rows] = [{k: np.empty((num_rows, *shape), dt) for k, (shape, dt)
+                                               in self.form.items()} for _ in range(2)]
         self._turn ^= 1
         return pair[self._turn]
 
+
+class _HostRows:
+    """The host placement: the whole stored table in host RAM, rows gathered with np.take."""
+
+    def __init__(self, table):
+        self.stored = table.read_all_stored()
+        self.staging = _Staging(table)
+
     def gather(self, ids_U: np.ndarray, num_rows: int) -> dict[str, np.ndarray]:
-        out = self._buffer(num_rows)
+        out = self.staging.buffer(num_rows)
         for k, v in self.stored.items():
             np.take(v, ids_U, axis=0, out=out[k][:len(ids_U)])
         return out
 
 
-class _StorageRows(_HostRows):
-    """Rows read from the table on disk (Tensorstore), distinct ids only, into the same kind of staging buffer."""
+class _StorageRows:
+    """The storage placement: rows read from the table on disk (one batched Tensorstore read)."""
 
     def __init__(self, table):
         self.table = table
-        self.stored = {k: np.empty((0, *shape), dt) for k, (shape, dt) in table.layout.arrays.items()}  # the form
-        self._staging, self._turn = {}, 0
+        self.staging = _Staging(table)
 
     def gather(self, ids_U: np.ndarray, num_rows: int) -> dict[str, np.ndarray]:
-        out = self._buffer(num_rows)
+        out = self.staging.buffer(num_rows)
         for k, v in self.table.read_stored(ids_U).items():
             out[k][:len(ids_U)] = v
         return out
 
 
 class Pending(NamedTuple):
+    """A step between `begin` and `finish`."""
+
     state: DecodeState
     carry: Any = None  # split steps: layer 0's output before its routed experts
     cache0: Any = None
@@ -423,7 +433,7 @@ class LanguageModel:
             raise MoleError(f"a lookup table is only for MoLE models, not {cfg.kind}")
         if offload_experts and cfg.kind != "moe":
             raise MoleError(f"expert offloading is the MoE baseline; this model is {cfg.kind}")
-        self.config, self.table, self.run_dir = cfg, table, run_dir
+        self.config, self.table, self.run_dir, self.offload_experts = cfg, table, run_dir, offload_experts
         self.placement = placement if table is not None else None
         self._tokenizer = None
         if offload_experts:
@@ -455,7 +465,7 @@ class LanguageModel:
     def logits(self, ids) -> np.ndarray:
         """Next-token logits, float32 numpy [B, T, V], for int token ids [B, T] (one full pass, no cache)."""
         ids = check_ids(ids, self.config)
-        if hasattr(self.decoder, "experts_host"):
+        if self.offload_experts:
             raise MoleError("logits() needs the experts on the device; load the MoE without offload_experts")
         lut_rows = None
         if self.table is not None:
@@ -488,6 +498,12 @@ class LanguageModel:
             out.append(p)
         return out, single
 
+    def _prepare(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id):
+        prompts, single = self._prompts(prompt_ids, max_new_tokens)
+        if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
+            raise MoleError(f"eos_id {eos_id} is outside the vocabulary [0, {self.config.vocab_size})")
+        return prompts, single, self._sampler(temperature, top_k, top_p)
+
     def _sampler(self, temperature, top_k, top_p) -> Sampler | None:
         V = self.config.vocab_size
         if not temperature >= 0:
@@ -518,10 +534,7 @@ class LanguageModel:
                top_p: float | None = None, eos_id: int | None = None, seed: int = 0) -> Iterator[list[int | None]]:
         """Yield, step by step, each prompt's new token id, or None for a prompt that already stopped at eos_id.
         See `generate` for the arguments."""
-        prompts, _ = self._prompts(prompt_ids, max_new_tokens)
-        if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
-            raise MoleError(f"eos_id {eos_id} is outside the vocabulary [0, {self.config.vocab_size})")
-        sampler = self._sampler(temperature, top_k, top_p)
+        prompts, _, sampler = self._prepare(prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id)
         live = np.ones(len(prompts), bool)
         for ids_B, _ in self._steps(prompts, max_new_tokens, sampler, seed):
             out = [int(t) if a else None for t, a in zip(ids_B, live)]
@@ -542,10 +555,7 @@ class LanguageModel:
         sequence stops before eos_id (not included). Returns a list of ints for one prompt, else a list of lists;
         with return_logits, also the float32 logits each new token was chosen from ([n_new, V] per prompt).
         """
-        prompts, single = self._prompts(prompt_ids, max_new_tokens)
-        if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
-            raise MoleError(f"eos_id {eos_id} is outside the vocabulary [0, {self.config.vocab_size})")
-        sampler = self._sampler(temperature, top_k, top_p)
+        prompts, single, sampler = self._prepare(prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id)
         new = [[] for _ in prompts]
         logits = [[] for _ in prompts]
         live = np.ones(len(prompts), bool)

@@ -79,7 +79,10 @@ class TrainState(NamedTuple):
 
 def cross_entropy_BxT(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     logits = logits_BxTxV.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    # The target logit by a masked sum, not take_along_axis: its gradient is then an elementwise select fused
+    # with the softmax, instead of a scatter into a [B, T, V] buffer of zeros.
+    is_target = jnp.arange(logits.shape[-1], dtype=targets_BxT.dtype) == targets_BxT[..., None]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
