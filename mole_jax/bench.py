@@ -79,7 +79,7 @@ def write_json(path: str | Path | None, payload: Any) -> None:
 
 # mole-jax bench train ----------------------------------------------------------------------------------------
 def bench_train(preset_size: str = "small", tokens_per_step: Sequence[int] = (4096, 16384, 65536),
-                seq_len: int = 256, micro_tokens: int = 16384, iters: int = 5, dtype: str = "auto",
+                seq_len: int = 256, micro_tokens: int = 16384, iters: int = 3, dtype: str = "auto",
                 devices: int | None = None, json_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Train-step time of {size}-dense, {size}-mole with dedup and {size}-mole without (equal activated size),
     side by side in one run, at several tokens per step (micro-batches of at most `micro_tokens`, accumulated).

@@ -355,7 +355,7 @@ def _add_bench_train(bench_sub):
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
     p.add_argument("--micro-tokens", type=int, default=16384,
                    help="tokens per micro-batch at most; larger steps accumulate gradients (16384)")
-    p.add_argument("--iters", type=int, default=5, help="timed steps per variant, round-robin after a warmup (5)")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per variant, round-robin after a warmup (3)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--devices", type=int, help="devices to use (default: all)")

@@ -624,9 +624,12 @@ def _check_table_shape(table, cfg: ModelConfig) -> None:
         raise MoleError(f"the lookup table at {table.path} has shape {tuple(table.shape)}; this model needs {want}")
 
 
-def _open_table(lut, expected_fingerprint: str, what) -> lut_lib.LookupTable:
-    """Open a LUT directory (or take an opened table) and check that it was built from these weights."""
-    table = lut if isinstance(lut, lut_lib.LookupTable) else lut_lib.open_lut(lut)
+def _open_table(lut) -> lut_lib.LookupTable:
+    return lut if isinstance(lut, lut_lib.LookupTable) else lut_lib.open_lut(lut)
+
+
+def _check_fingerprint(table, expected_fingerprint: str, what) -> lut_lib.LookupTable:
+    """The table must have been built from these weights."""
     if table.fingerprint != expected_fingerprint:
         raise MoleError(f"the lookup table at {table.path} was built from another checkpoint than {what} "
                         f"(fingerprint {table.fingerprint[:12]} != {expected_fingerprint[:12]})")
@@ -662,15 +665,16 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
                 raise MoleError(f"{ref.path} is MoLE's inference form and needs its lookup table, but {where} is "
                                 "missing; pass lut=LUT_DIR (--lut)")
             lut = ref.run_dir / checkpoint.LUT
-        table = _open_table(lut, meta.get("lut_fingerprint", ""), ref.path)
+        table = _check_fingerprint(_open_table(lut), meta.get("lut_fingerprint", ""), ref.path)
         _, params = checkpoint.restore_params(path, cfg=cfg, with_experts=False)
         return LanguageModel(cfg, params, table=table, **kw)
     if lut is None:
         _, params = checkpoint.restore_params(path, cfg=cfg)
         return LanguageModel(cfg, params, **kw)
+    table = _open_table(lut)
     # The experts serve only to check the table: read on the host, they never reach the device.
     _, inputs = checkpoint.restore_params(path, cfg=cfg, as_numpy=True, select=lut_lib.table_inputs)
-    table = _open_table(lut, lut_lib.fingerprint(inputs), ref.path)
+    _check_fingerprint(table, lut_lib.fingerprint(inputs), ref.path)
     del inputs
     _, params = checkpoint.restore_params(path, cfg=cfg, with_experts=False)
     return LanguageModel(cfg, params, table=table, **kw)

@@ -1,7 +1,7 @@
 """Training: one jitted, sharded step and the loop around it (data, checkpoints, resume, metrics, evaluation).
 
-    train(model_cfg, train_cfg, data=..., out=RUN_DIR)      train, or resume the run in RUN_DIR
-    evaluate(RUN_DIR, data=..., split="val")                mean next-token cross-entropy, perplexity, tokens
+    train(model_cfg, train_cfg, out=RUN_DIR, data_source=...)   train, or resume the run in RUN_DIR
+    evaluate(RUN_DIR, data_source=..., split="val")             mean next-token cross-entropy, perplexity, tokens
 
 The step is a pure function `train_step(state, tokens_AxBxT1) -> (state, metrics)`, jitted once over a
 ("data", "fsdp") mesh: the batch is split over every device, params and Adam moments are fully sharded
@@ -10,7 +10,8 @@ jit from the plain params dict with `nnx.merge`. The loop dispatches step s+1 be
 syncs only at checkpoint and evaluation steps, where it checks that the state to save is finite.
 
 MoLE's routed experts read the embedding row of a token, a function of its id alone, so with `dedup` they run once
-per distinct id of a micro-batch (static capacity U chosen from the data; an exact fallback beyond it).
+per distinct id of each device's share of a micro-batch (static capacity U chosen from the run's data; an exact
+fallback beyond it). See docs/training.md for the run directory, resume rules and measurements.
 """
 
 from __future__ import annotations
@@ -403,6 +404,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     train_windows, val_windows = data.split_windows(corpus.tokens.size, tc.seq_len, tc.val_fraction)
     batches = data.Batches(corpus.tokens, train_windows, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
                            vocab_size=cfg.vocab_size)
+    batches.batch(0)  # the first batch reads and checks its token ids before anything is written
     dedup = {"rows": 0}
     if cfg.kind == "mole" and tc.dedup:
         dedup = choose_dedup_rows(batches, tc.grad_accum, mesh.size, cfg.vocab_size)
@@ -550,7 +552,7 @@ class Evaluator:
             chunk = windows[i:i + self.batch]
             padded = np.concatenate([chunk, np.full(self.batch - chunk.size, chunk[0])])
             weight_B = (np.arange(self.batch) < chunk.size).astype(np.float32)
-            x = self.feed(lambda rows: data.read_windows(tokens, padded[rows], self.seq_len, self.cfg.vocab_size))
+            x = self.feed(lambda rows, p=padded: data.read_windows(tokens, p[rows], self.seq_len, self.cfg.vocab_size))
             w = jax.make_array_from_process_local_data(self.weight_sharding, weight_B[self.feed.local_rows],
                                                        (self.batch,))
             sums.append(self.step(params, x, w))

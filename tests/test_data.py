@@ -155,7 +155,10 @@ def test_windows_are_inputs_and_shifted_targets():
 def test_batch_order_is_a_pure_function_of_seed_and_step():
     tokens = np.arange(4001, dtype=np.uint16)
     train, _ = data.split_windows(tokens.size, 10, 0.1)  # 360 training windows
-    make = lambda seed: data.Batches(tokens, train, seq_len=10, batch_size=12, seed=seed, vocab_size=5000)
+
+    def make(seed):
+        return data.Batches(tokens, train, seq_len=10, batch_size=12, seed=seed, vocab_size=5000)
+
     a, b = make(0), make(0)
     for step in (0, 7, 29, 30, 31, 100):  # 30 steps per epoch; step 100 starts mid-epoch
         np.testing.assert_array_equal(a.batch(step), b.batch(step))

@@ -87,6 +87,15 @@ def test_sharded_equals_single_device(runs):
     np.testing.assert_allclose(four.val_loss, one.val_loss, rtol=1e-5)
 
 
+def test_moe_sharded_equals_single_device(tmp_path, text_data):
+    """MoE's auxiliary losses are means over the whole (sharded) batch: the same on 1 and on 4 devices."""
+    tc = TrainConfig(**{**TC.to_dict(), "steps": 6, "eval_every": 0})
+    one, four = (_train(tmp_path / f"d{n}", text_data, tc=tc, preset="tiny-moe", devices=n) for n in (1, 4))
+    for key in ("loss", "balance", "router_z", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in four.history], [r[key] for r in one.history], rtol=1e-5,
+                                   err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def dedup_case():
     """A MoLE with prime dims, ids < 17 (many repeats), and the plain per-token path's loss and gradients."""
@@ -126,19 +135,19 @@ def test_grad_accumulation_equals_one_batch():
         np.testing.assert_allclose(out[4][k], out[1][k], rtol=1e-5, err_msg=k)
 
 
-def test_moe_objective_adds_aux_losses_mole_adds_none():
-    for kind in ("moe", "mole"):
-        cfg = prime_config(kind)
-        graphdef, _ = graphdef_and_shapes(cfg)
-        tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
-        params = init_params(cfg)
-        objective, m = jax.jit(lambda p, t: train.loss_fn(p, graphdef, cfg, t))(params, tokens)
-        logits = jax.nn.log_softmax(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits_BxTxV)(params, tokens[:, :-1]))
-        ce = -np.mean(np.take_along_axis(np.asarray(logits), np.asarray(tokens[:, 1:, None]), -1))
-        np.testing.assert_allclose(m["loss"], ce, rtol=1e-6)
-        expected = ce + (0.01 * m["balance"] + 0.001 * m["router_z"] if kind == "moe" else 0.0)
-        np.testing.assert_allclose(objective, expected, rtol=1e-6)
-        assert (set(m) >= {"balance", "router_z"}) == (kind == "moe")
+@pytest.mark.parametrize("kind", ["moe", "mole"])
+def test_moe_objective_adds_aux_losses_mole_adds_none(kind):
+    cfg = prime_config(kind)
+    graphdef, _ = graphdef_and_shapes(cfg)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    params = init_params(cfg)
+    objective, m = jax.jit(lambda p, t: train.loss_fn(p, graphdef, cfg, t))(params, tokens)
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits_BxTxV)(params, tokens[:, :-1])
+    ce = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(tokens[:, 1:, None]), -1))
+    np.testing.assert_allclose(m["loss"], ce, rtol=1e-6)
+    expected = ce + (0.01 * m["balance"] + 0.001 * m["router_z"] if kind == "moe" else 0.0)
+    np.testing.assert_allclose(objective, expected, rtol=1e-6)
+    assert (set(m) >= {"balance", "router_z"}) == (kind == "moe")
 
 
 def test_optimizer_recipe():
@@ -371,9 +380,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text
     assert max(_losses(tmp_path / "run")) == bad - 1  # nothing logged for the bad step
 
 
-def test_batch_must_split_over_devices(tmp_path, text_data):
+def test_bad_run_settings_write_nothing(tmp_path, text_data):
     with pytest.raises(MoleError, match="cannot be split over 4 devices"):
         _train(tmp_path / "run", text_data, tc=TrainConfig(steps=2, batch_size=6, seq_len=16), devices=4)
     with pytest.raises(MoleError, match="not divisible by grad accumulation"):
         _train(tmp_path / "run", text_data, tc=TrainConfig(steps=2, batch_size=8, grad_accum=3, seq_len=16))
+    np.full(5000, 600, np.uint16).tofile(tmp_path / "ids.bin")
+    with pytest.raises(MoleError, match=r"token id 600 in the data is outside the model's vocabulary \[0, 512\)"):
+        train.train(get_preset("tiny-dense"), TC, out=tmp_path / "run", data_source=tmp_path / "ids.bin",
+                    progress=False)
     assert not (tmp_path / "run").exists()
