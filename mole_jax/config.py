@@ -12,6 +12,7 @@ from typing import Any
 
 KINDS = ("dense", "moe", "mole")
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("auto", "dense", "ragged", "gather", "skip")
 
 
 class MoleError(ValueError):
@@ -42,7 +43,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     moe_balance_coef: float = 0.01  # OLMoE-style load balance, MoE only (MoLE uses no auxiliary loss)
     moe_z_coef: float = 0.001  # router z-loss, MoE only
-    moe_impl: str = "auto"  # "dense" (all experts, masked), "ragged" (sorted + lax.ragged_dot), "auto"
+    moe_impl: str = "auto"  # "auto", or "dense" (all experts, masked), "ragged" (sorted + lax.ragged_dot),
+    #                         "gather" (each row's experts' weights), "skip" (lax.cond skips idle experts)
     attention_impl: str | None = None  # passed to jax.nn.dot_product_attention: None/"xla" or "cudnn"
 
     def __post_init__(self):
@@ -57,7 +59,7 @@ class ModelConfig:
         need(0.0 < self.rotary_fraction <= 1.0, "rotary_fraction must be in (0, 1]")
         need(self.rotary_dim >= 2, "rotary_fraction leaves fewer than 2 rotated dims per head")
         need(self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes must be in {DTYPES}")
-        need(self.moe_impl in ("auto", "dense", "ragged"), "moe_impl must be auto, dense or ragged")
+        need(self.moe_impl in MOE_IMPLS, f"moe_impl must be one of {MOE_IMPLS}")
         if self.kind == "dense":
             need(self.ffn_dim > 0, "dense needs ffn_dim > 0")
             need(self.num_experts == 0 and self.expert_dim == 0 and self.top_k == 0, "dense has no experts")

@@ -395,7 +395,7 @@ def decode_loop(decoder, state: DecodeState, num_tokens: int, sampler: Sampler |
 
 def _random_state(cfg: ModelConfig, batch: int, filled: int, cache_len: int, key) -> DecodeState:
     k_ids, k_cache, key = jax.random.split(key, 3)
-    shape = (batch, cache_len, cfg.num_heads, cfg.head_dim)
+    shape = (batch, cfg.num_heads, cache_len, cfg.head_dim)
     cache = [KVCache(*(jax.random.normal(k, shape, cfg.dtype) for k in jax.random.split(kl)))
              for kl in jax.random.split(k_cache, cfg.num_layers)]
     ids_Bx1 = jax.random.randint(k_ids, (batch, 1), 0, cfg.vocab_size, jnp.int32)

@@ -53,21 +53,37 @@ def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, rotary_dim: int, theta:
 
 
 class KVCache(NamedTuple):
-    """One layer's cache: keys/values for positions [0, S) of each sequence (written at the query positions)."""
+    """One layer's cache: keys/values for positions [0, S) of each sequence (written at the query positions).
+    Heads lead the cache length so that both attention matmuls read it in place: (b, h) are the batch dims and
+    K (scores) or S (values) the contracted one, with no per-step transpose of the whole cache."""
 
-    k_BxSxHxK: jax.Array
-    v_BxSxHxK: jax.Array
+    k_BxHxSxK: jax.Array
+    v_BxHxSxK: jax.Array
 
     @staticmethod
     def zeros(cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (batch, length, cfg.num_heads, cfg.head_dim)
+        shape = (batch, cfg.num_heads, length, cfg.head_dim)
         return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
-def _write(cache_BxSxHxK: jax.Array, new_BxTxHxK: jax.Array, start_B: jax.Array) -> jax.Array:
+def _write(cache_BxHxSxK: jax.Array, new_BxTxHxK: jax.Array, start_B: jax.Array) -> jax.Array:
     """Write each sequence's T new entries at its own start position (sequences advance independently)."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
-        cache_BxSxHxK, new_BxTxHxK.astype(cache_BxSxHxK.dtype), start_B)
+    new_BxHxTxK = new_BxTxHxK.transpose(0, 2, 1, 3).astype(cache_BxHxSxK.dtype)
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1))(
+        cache_BxHxSxK, new_BxHxTxK, start_B)
+
+
+def cached_attention(q_BxTxHxK, cache: KVCache, positions_BxT) -> jax.Array:
+    """Queries against the whole cache; a key is visible when its position <= the query's. Scores and softmax in
+    float32 (the reference's order: scale, mask, softmax, cast back, weight the values)."""
+    dt, K = q_BxTxHxK.dtype, q_BxTxHxK.shape[-1]
+    k, v = cache.k_BxHxSxK.astype(dt), cache.v_BxHxSxK.astype(dt)
+    scores_BxHxTxS = jnp.einsum("bthk,bhsk->bhts", q_BxTxHxK, k, preferred_element_type=jnp.float32)
+    scores_BxHxTxS = scores_BxHxTxS * jnp.float32(1.0 / math.sqrt(K))
+    visible_Bx1xTxS = jnp.arange(k.shape[2])[None, None, None, :] <= positions_BxT[:, None, :, None]
+    scores_BxHxTxS = jnp.where(visible_Bx1xTxS, scores_BxHxTxS, -jnp.inf)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(dt)
+    return jnp.einsum("bhts,bhsk->bthk", probs_BxHxTxS, v)
 
 
 class Attention(nnx.Module):
@@ -93,11 +109,9 @@ class Attention(nnx.Module):
         if cache is None:  # positions increase along each row, so "key position <= query position" is causal
             out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
         else:
-            cache = KVCache(_write(cache.k_BxSxHxK, k, positions_BxT[:, 0]),
-                            _write(cache.v_BxSxHxK, v, positions_BxT[:, 0]))
-            k, v = cache.k_BxSxHxK.astype(dt), cache.v_BxSxHxK.astype(dt)
-            mask_Bx1xTxS = jnp.arange(k.shape[1])[None, None, None, :] <= positions_BxT[:, None, :, None]
-            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")
+            cache = KVCache(_write(cache.k_BxHxSxK, k, positions_BxT[:, 0]),
+                            _write(cache.v_BxHxSxK, v, positions_BxT[:, 0]))
+            out_BxTxHxK = cached_attention(q, cache, positions_BxT)
         return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo_HxKxD[...].astype(dt)), cache
 
 
@@ -133,7 +147,29 @@ class Experts(nnx.Module):
         """sum_n gates[m, n] * expert_n(x[m]), without materialising [M, N, D]."""
         dt = x_MxD.dtype
         h_MxNxF = gelu(jnp.einsum("md,ndf->mnf", x_MxD, self.w_up_NxDxF[...].astype(dt)))
-        return jnp.einsum("mnf,mn,nfd->md", h_MxNxF, gates_MxN.astype(dt), self.w_down_NxFxD[...].astype(dt))
+        # Weight the hidden units first: a three-operand einsum may pick a path through an [M, N, F, D] tensor.
+        weighted_MxNxF = h_MxNxF * gates_MxN.astype(dt)[:, :, None]
+        return jnp.einsum("mnf,nfd->md", weighted_MxNxF, self.w_down_NxFxD[...].astype(dt))
+
+    def gathered(self, x_MxD: jax.Array, expert_MxK: jax.Array, gates_MxK: jax.Array) -> jax.Array:
+        """Top-k by gathering each row's chosen experts' weights: decode-sized batches on accelerators."""
+        dt = x_MxD.dtype
+        h_MxKxF = gelu(jnp.einsum("md,mkdf->mkf", x_MxD, self.w_up_NxDxF[...][expert_MxK].astype(dt)))
+        return jnp.einsum("mkf,mkfd->md", h_MxKxF * gates_MxK.astype(dt)[:, :, None],
+                          self.w_down_NxFxD[...][expert_MxK].astype(dt))
+
+    def skip_idle(self, x_MxD: jax.Array, gates_MxN: jax.Array) -> jax.Array:
+        """Like `mixed`, but one matmul per expert, and an expert that no row chose is skipped (lax.cond at run
+        time): the CPU path (decode reads only the chosen experts' weights; no weight transposes in training)."""
+        dt = x_MxD.dtype
+        gates_MxN = gates_MxN.astype(dt)
+        out_MxD = jnp.zeros_like(x_MxD)
+        for n in range(gates_MxN.shape[1]):
+            def run(acc, n=n):
+                h_MxF = gelu(x_MxD @ self.w_up_NxDxF[n].astype(dt))
+                return acc + gates_MxN[:, n:n + 1] * (h_MxF @ self.w_down_NxFxD[n].astype(dt))
+            out_MxD = jax.lax.cond(jnp.any(gates_MxN[:, n] != 0), run, lambda acc: acc, out_MxD)
+        return out_MxD
 
     def ragged(self, x_MxD: jax.Array, expert_MxK: jax.Array, gates_MxK: jax.Array) -> jax.Array:
         """Dropless top-k: sort the M*K assignments by expert and run grouped matmuls (lax.ragged_dot), so each

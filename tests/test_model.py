@@ -133,7 +133,7 @@ def test_mole_dedup_equals_plain(capacity):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(np.abs(b).max(), 1e-12))
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "gather", "skip"])
 def test_moe_implementations_agree(impl):
     cfg = prime_config("moe", moe_impl=impl)
     params = init_params(cfg, seed=9)
@@ -142,13 +142,16 @@ def test_moe_implementations_agree(impl):
     _assert_close(_logits(cfg, params, ids), ref, 1e-5)
 
 
-def test_moe_decode_sized_path_matches_reference():
-    """Few tokens (M*k <= N) take the gather path that reads only the chosen experts."""
-    cfg = prime_config("moe", num_experts=7, top_k=3)
+@pytest.mark.parametrize("impl", ["auto", "gather", "skip"])
+def test_moe_decode_sized_paths_match_reference(impl):
+    """Few tokens (M*k <= N): most experts idle; the paths that run only the chosen experts."""
+    cfg = prime_config("moe", num_experts=7, top_k=3, moe_impl=impl)
     params = init_params(cfg, seed=10)
     ids = _ids(cfg, shape=(1, 2))
     ref = reference.forward(hf.config_to_hf(cfg), hf.params_to_hf(cfg, params), np.asarray(ids), top_k=3)
     _assert_close(_logits(cfg, params, ids), ref, 1e-5)
+    grads = jax.grad(lambda p: _logits(cfg, p, ids).sum())(params)  # differentiable like every other path
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 def test_moe_aux_losses():
