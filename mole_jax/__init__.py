@@ -23,3 +23,25 @@ from mole_jax.train import evaluate
 __all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", "LanguageModel", "load",
            "import_hf", "export_hf", "convert_to_lut", "open_lut", "evaluate"]
 __version__ = "0.1.0"
+
+
+def _register_lm_eval() -> None:
+    """Make "mole_jax" an lm-eval model whenever lm-eval is installed (the `eval` extra). The entry is lazy:
+    neither lm-eval's model code nor mole_jax.harness is imported until lm-eval asks for the model (~50 ms)."""
+    try:
+        import lm_eval.models  # registers lm-eval's own models first: it skips that once the registry is non-empty
+        from lm_eval.api.registry import model_registry
+    except ImportError:
+        return
+    try:
+        for alias in ("mole_jax", "mole-jax"):
+            if alias not in model_registry:
+                model_registry.register(alias, target="mole_jax.harness:MoleJaxLM")
+    except (AttributeError, TypeError, ValueError) as e:  # another lm-eval registry API: say so, stay importable
+        import warnings
+
+        warnings.warn(f"mole_jax could not register itself with lm-eval {getattr(lm_eval, '__version__', '?')}: "
+                      f"{e}", stacklevel=2)
+
+
+_register_lm_eval()

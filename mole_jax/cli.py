@@ -362,20 +362,42 @@ def _add_bench_train(bench_sub):
     p.set_defaults(func=_cmd_bench_train)
 
 
+def _cmd_quickstart(args):
+    from mole_jax.quickstart import run
+
+    run(args.out, preset=args.preset, steps=args.steps, table_dtype=args.dtype, placement=args.placement,
+        prompt=args.prompt, max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+
+
+def _add_quickstart(sub):
+    p = sub.add_parser("quickstart", help="the main job on the embedded corpus: train a small MoLE, convert it to "
+                                          "a LUT on disk, generate with the LUT offloaded, report")
+    p.add_argument("--out", default="quickstart", help="working directory (rerunning resumes) (quickstart)")
+    p.add_argument("--preset", default="small-mole", help="a MoLE preset (small-mole)")
+    p.add_argument("--steps", type=int, default=120, help="training steps (120)")
+    p.add_argument("--dtype", default="float16", help="table dtype: float32 bfloat16 float16 int8 nf4 nf3 (float16)")
+    p.add_argument("--placement", default="storage", choices=["device", "host", "storage"],
+                   help="where the table lives while decoding (storage: read from disk per step)")
+    p.add_argument("--prompt", default="The return statement")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_quickstart)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mole-jax", description="Mixture of Lookup Experts in JAX: train, convert, decode.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_hf(sub)
+    _add_quickstart(sub)
+    _add_train(sub)
     _add_lut(sub)
     _add_generate(sub)
-    _add_train(sub)
     _add_eval(sub)
+    _add_hf(sub)
     bench = sub.add_parser("bench", help="benchmarks: variants side by side in one run, reported as ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     _add_bench_convert(bench_sub)
     _add_bench_decode(bench_sub)
     _add_bench_train(bench_sub)
-    del bench_sub  # each area registers its benchmark here: _add_bench_<area>(bench_sub)
     return parser
 
 

@@ -235,7 +235,9 @@ def _compute_shards(writer: lut.TableWriter, inputs, shards: list[int], cfg: Mod
         stats["rows"] += rows
         bar.update(rows)
         seconds = time.perf_counter() - stats["t0"]
-        bar.set_postfix_str(f"{stats['bytes'] / 1e9:.2f} GB written, "
+        written = stats["bytes"]
+        written = f"{written / 1e9:.2f} GB" if written >= 1e9 else f"{written / 1e6:.0f} MB"
+        bar.set_postfix_str(f"{written} written, "
                             f"{stats['rows'] * flops_per_row(cfg) / max(seconds, 1e-9) / 1e9:.1f} GFLOP/s")
 
     def finish_oldest():

@@ -20,6 +20,7 @@ need no host-side ids: step t+1 is dispatched before the host reads step t's tok
 
 from __future__ import annotations
 
+from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -231,6 +232,33 @@ def _full_logits(graphdef, params, ids_BxT, lut_rows):
     model = nnx.merge(graphdef, params)
     lut = None if lut_rows is None else lut_rows[0][lut_rows[1]]
     return model(ids_BxT, lut_BxTxLxNxD=lut).logits_BxTxV
+
+
+def _token_logprobs(graphdef, scheme, params, ids_BxT, targets_BxT, stored, index_BxT):
+    """log p(target | prefix) and whether the target is the argmax, at every position ([B, T] each). The head runs
+    one sequence at a time (lax.map): memory holds [T, V] logits, never [B, T, V] (16 x 2048 x 50304 is 6.6 GB)."""
+    model = nnx.merge(graphdef, params)
+    B, T = ids_BxT.shape
+    rows = _rows(scheme, stored, index_BxT, ids_BxT)
+    x0_BxTxD = _embed(model, ids_BxT)
+    expert_input = None
+    if model.cfg.kind == "mole" and rows is None:
+        expert_input = model._expert_input(ids_BxT, x0_BxTxD, 0)
+    pos_BxT = positions(jnp.zeros((B,), jnp.int32), T)
+    h_BxTxD = x0_BxTxD
+    for l, block in enumerate(model.blocks):
+        h_BxTxD, _, _ = block(h_BxTxD, pos_BxT, expert_input=expert_input,
+                              lut_BxTxNxD=None if rows is None else _layer_rows(rows, l))
+    h_BxTxD = model.norm_out(h_BxTxD)
+    unembed_DxV = model.unembed_DxV[...].astype(h_BxTxD.dtype)
+
+    def score(args):
+        h_TxD, target_T = args
+        logits_TxV = jnp.einsum("td,dv->tv", h_TxD, unembed_DxV, preferred_element_type=jnp.float32)
+        logp_T = jnp.take_along_axis(jax.nn.log_softmax(logits_TxV, axis=-1), target_T[:, None], axis=-1)[:, 0]
+        return logp_T, jnp.argmax(logits_TxV, axis=-1) == target_T
+
+    return jax.lax.map(score, (h_BxTxD, targets_BxT))
 
 
 # Row sources for the host and storage placements -------------------------------------------------------------
@@ -448,6 +476,9 @@ class LanguageModel:
             self.decoder = Decoder(cfg, params, table=table, placement=placement, overlap=overlap)
         self.graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         self._logits = jax.jit(partial(_full_logits, self.graphdef))
+        self._token_logprobs = jax.jit(partial(_token_logprobs, self.graphdef,
+                                               table.scheme if table is not None else None))
+        self._scoring: deque = deque()  # token_logprobs calls whose fetched rows may still be in use
 
     @property
     def params(self) -> Params:
@@ -473,6 +504,33 @@ class LanguageModel:
             lut_rows = (self.table.rows(unique_U), inverse.reshape(ids.shape).astype(np.int32))
         ids_d, lut_rows = self.decoder.put((ids, lut_rows))
         return jax.device_get(self._logits(self.params, ids_d, lut_rows))
+
+    def token_logprobs(self, inputs_BxT, targets_BxT) -> tuple[jax.Array, jax.Array]:
+        """Scoring, as lm-eval's loglikelihood needs it: for int token ids [B, T] and their next tokens [B, T],
+        log p(targets[b, t] | inputs[b, :t+1]) (float32 [B, T]) and whether each target is the argmax (bool [B, T]).
+
+        One jitted call on the device; only these [B, T] values come back, never the [B, T, V] logits. It is traced
+        once per (B, T) (pad T to a few buckets), and for a table at the host or storage placement per power of two
+        of distinct ids: the rows of the batch's distinct ids travel in the table's stored form, in one put (the
+        device placement gathers from its resident table). Returns device arrays as soon as the call is dispatched,
+        so the caller can prepare the next batch while this one runs (np.asarray reads them).
+        """
+        ids = check_ids(inputs_BxT, self.config)
+        targets = check_ids(targets_BxT, self.config)
+        if targets.shape != ids.shape:
+            raise MoleError(f"targets have shape {targets.shape} but inputs have shape {ids.shape}")
+        if self.offload_experts:
+            raise MoleError("token_logprobs() needs the experts on the device; load the MoE without offload_experts")
+        dec = self.decoder
+        ids_d, targets_d = dec.put((ids, targets))
+        if dec.rows is None:  # everything is on the device: the parameters and, for MoLE, any table
+            return self._token_logprobs(self.params, ids_d, targets_d, dec.device_table, None)
+        if len(self._scoring) == 2:  # the staging buffer about to be refilled was sent two calls ago: done?
+            jax.block_until_ready(self._scoring.popleft())
+        stored, index_BxT = dec._fetch(ids, _next_pow2(len(np.unique(ids))))
+        out = self._token_logprobs(self.params, ids_d, targets_d, stored, index_BxT)
+        self._scoring.append(out)
+        return out
 
     # Generation ----------------------------------------------------------------------------------------------
     def _prompts(self, prompt_ids, max_new_tokens: int) -> tuple[list[np.ndarray], bool]:

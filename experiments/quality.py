@@ -1,0 +1,162 @@
+"""Paper Table 3: Dense vs MoE-10E vs MoLE-4E (and MoE-34E vs MoLE-16E) at equal activated parameters and equal
+training tokens: validation loss and loss curves; zero-shot accuracy where lm-eval's tasks are available.
+
+Every model gets the same recipe, seed and batch order (the scale's TrainConfig), so the same tokens in the same
+order. Each MoLE is then re-parameterised into a float32 lookup table (convert_to_lut) and scored through it
+(mole_jax.load(run, lut=...)): its validation loss must equal the training form's, since the table is exact.
+
+    python experiments/quality.py --scale small                    # CPU; --with-16e adds MoE-34E / MoLE-16E
+    python experiments/quality.py --scale paper --data pile.bin --tokenizer neox/tokenizer.json --grad-accum 8
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import Column  # noqa: E402
+
+BASE = ("Dense", "MoE-10E", "MoLE-4E")
+PAIR_16E = ("MoE-34E", "MoLE-16E")
+COLORS = {"Dense": "black", "MoE-10E": "tab:blue", "MoLE-4E": "tab:red", "MoE-34E": "tab:cyan",
+          "MoLE-16E": "tab:orange"}
+
+
+def add_arguments(p):
+    p.add_argument("--with-16e", action="store_true",
+                   help="also train MoE-34E and MoLE-16E (always at --scale paper with --size 160m/410m)")
+    p.add_argument("--tasks", nargs="*", default=None,
+                   help="zero-shot tasks through lm-eval (default at --scale paper: the paper's eight; else none)")
+    p.add_argument("--task-limit", type=int, default=None, help="examples per task (lm-eval --limit), for a quick look")
+
+
+def labels(ctx: common.Context) -> list[str]:
+    pair = ctx.args.with_16e or (ctx.scale.accelerator and ctx.family != "1b")  # the paper has no 1B 16E/34E
+    return [*BASE, *(PAIR_16E if pair else ())]
+
+
+def lut_check(ctx: common.Context, run: common.Run) -> dict:
+    """Score the MoLE through its float32 table and in training form, on the same windows by the same path."""
+    import mole_jax
+
+    tokens, windows = common.val_windows(ctx, run, ctx.scale.lut_eval_windows)
+    table = common.lut_table(ctx, run, "float32")
+    seq_len = ctx.train_cfg.seq_len
+    trained = common.scored_loss(mole_jax.load(run.path), tokens, windows, seq_len)
+    looked_up = common.scored_loss(mole_jax.load(run.path, lut=table), tokens, windows, seq_len)
+    return {"val_loss_scored": trained, "val_loss_lut_fp32": looked_up, "lut_minus_training_form": looked_up - trained,
+            "lut_windows": int(len(windows))}
+
+
+def experiment(ctx: common.Context):
+    models = [common.model(ctx.family, label) for label in labels(ctx)]
+    if ctx.args.plan:
+        common.plan(ctx, models)
+        return None
+    tasks = ctx.args.tasks if ctx.args.tasks is not None else (list(common.PAPER_TASKS) if ctx.scale.accelerator
+                                                                else [])
+    runs = [common.train(ctx, m) for m in models]
+    rows, accuracy = [], []
+    for run in runs:
+        row = common.training_summary(ctx, run)
+        ev = common.val_loss(ctx, run)
+        row.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"], val_tokens=ev["tokens"])
+        if run.model.cfg.kind == "mole":
+            row.update(lut_check(ctx, run))
+        if tasks:
+            scores = common.zero_shot(run.path, tasks, limit=ctx.args.task_limit)
+            acc = {common.TASK_LABELS.get(t, t): 100 * s.get("acc", float("nan")) for t, s in scores.items()}
+            accuracy.append({"model": run.model.label, **acc, "AVG": sum(acc.values()) / len(acc), "raw": scores})
+            row["zero_shot_avg"] = accuracy[-1]["AVG"]
+        rows.append(row)
+    dense = rows[0]["val_loss"]
+    for r in rows:
+        r["vs_dense"] = r["val_loss"] - dense
+
+    tables = common.paper_tables(ctx)
+    size = common.paper_size(ctx)
+    paper = None
+    if tables:
+        paper = {label: tables["table3_main"].get(size, {}).get(label) for label in labels(ctx)}
+        for r in rows:
+            r["paper_avg_accuracy"] = (paper.get(r["model"]) or {}).get("AVG")
+
+    tc = ctx.train_cfg
+    tokens_per_step = tc.batch_size * tc.seq_len
+    by = {r["model"]: r for r in rows}
+    notes = [f"Equal training tokens: every model saw {by['Dense']['train_tokens']:,} tokens in the same order "
+             f"({by['Dense']['epochs']:.2f} epochs of the training windows"
+             + (": later epochs repeat the same text)." if by["Dense"]["epochs"] > 1 else ").")]
+    for a, b in (("MoLE-4E", "Dense"), ("MoLE-4E", "MoE-10E"), ("MoLE-16E", "MoE-34E"), ("MoLE-16E", "MoLE-4E")):
+        if a in by and b in by:
+            d = by[a]["val_loss"] - by[b]["val_loss"]
+            verdict = "lower (better)" if d < 0 else "higher (worse)" if d > 0 else "equal"
+            notes.append(f"{a} - {b}: {d:+.4f} nats of validation loss: {a}'s is {verdict}.")
+    for r in rows:
+        if "lut_minus_training_form" in r:
+            notes.append(f"{r['model']} through its float32 lookup table: validation loss {r['val_loss_lut_fp32']:.6f} "
+                         f"vs {r['val_loss_scored']:.6f} in training form on the same {r['lut_windows']} windows "
+                         f"(difference {r['lut_minus_training_form']:+.2e}): the re-parameterisation is exact up to "
+                         "float32 rounding.")
+    if paper:
+        notes.append(f"paper avg accuracy: the paper's {size} zero-shot average (Table 3) for the model of the same "
+                     "name, for the ordering only: our numbers are losses of far smaller models on far less data.")
+    columns = [Column("model", "model"), Column("preset", "preset"),
+               Column("params_total", "total params", ",d"), Column("params_active", "active params", ",d"),
+               Column("train_tokens", "train tokens", ",d"), Column("epochs", "epochs", ".2f"),
+               Column("train_loss", "final train loss", ".4f"), Column("val_loss", "val loss", ".4f"),
+               Column("vs_dense", "vs Dense", "+.4f"), Column("val_perplexity", "val ppl", ".2f"),
+               Column("val_loss_lut_fp32", "val loss via fp32 LUT", ".4f"),
+               Column("tokens_per_s", "train tokens/s", ",.0f"), Column("train_wall_s", "train wall s", ",.0f")]
+    if tasks:
+        columns.append(Column("zero_shot_avg", "zero-shot avg %", ".1f"))
+    if paper:
+        columns.append(Column("paper_avg_accuracy", f"paper {size} avg acc %", ".1f"))
+    extra = []
+    if accuracy:
+        names = [common.TASK_LABELS.get(t, t) for t in tasks] + ["AVG"]
+        acc_rows = [{k: v for k, v in a.items() if k != "raw"} for a in accuracy]
+        if paper:
+            acc_rows += [{"model": f"paper {size} {label}", **{n: (paper.get(label) or {}).get(n) for n in names}}
+                         for label in labels(ctx)]
+        extra.append(("Zero-shot accuracy % (lm-eval, acc)", acc_rows,
+                      [Column("model", "model"), *[Column(n, n, ".1f") for n in names]]))
+
+    def plot(fig):
+        ax1, ax2 = fig.subplots(1, 2)
+        for run in runs:
+            c = COLORS.get(run.model.label)
+            x, y = common.curve(run.history, "loss", tokens_per_step)
+            ax1.plot([t / 1e6 for t in x], common.smooth(y), color=c, label=run.model.label)
+            x, y = common.curve(run.history, "val_loss", tokens_per_step)
+            ax2.plot([t / 1e6 for t in x], y, marker="o", color=c, label=run.model.label)
+        ax1.set(xlabel="training tokens (M)", ylabel="train loss (nats, smoothed)", title="training loss")
+        ax2.set(xlabel="training tokens (M)", ylabel="validation loss (nats)", title="validation loss")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        lo = min(min(common.curve(r.history, "val_loss", 1)[1] or [9e9]) for r in runs)
+        first = max((common.curve(r.history, "val_loss", 1)[1] or [lo])[0] for r in runs)
+        ax2.set_ylim(lo - 0.05 * (first - lo) - 0.01, first + 0.02)
+
+    d = common.data(ctx, models[0].cfg.vocab_size)
+    settings = {"data": common.describe_data(d),
+                "recipe": f"{tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens, AdamW peak lr {tc.peak_lr:g}, "
+                          f"warmup {tc.warmup_frac:.0%}, cosine to {tc.final_lr_frac:g}x, weight decay "
+                          f"{tc.weight_decay:g}, clip {tc.grad_clip:g}, seed {tc.seed}, dtype {ctx.dtype()}",
+                "validation": f"the runs' held-out {tc.val_fraction:.2%} of windows (mole_jax.evaluate)"
+                              + (f", at most {ctx.scale.eval_windows}" if ctx.scale.eval_windows else ""),
+                "zero-shot": ", ".join(tasks) if tasks else "not run at this scale (see docs/experiments.md)"}
+    return common.result("Quality at equal activated parameters (paper Table 3)", rows, columns, plot,
+                         settings=settings, notes=notes, paper=paper, extra_tables=extra)
+
+
+def main(argv=None) -> int:
+    return common.main("quality", __doc__, experiment, argv, add_arguments=add_arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`mole-jax quickstart`: the main job end to end on the embedded default corpus, in a few minutes on 2 CPU cores.
+
+    1. train a small MoLE on real English (Python's own documentation: no download), resumable;
+    2. re-parameterise it: every routed expert on every vocabulary id, into a Tensorstore LUT on disk;
+    3. decode with the table offloaded (rows read from disk per step, experts never on the device);
+    4. report: losses, LUT bytes on disk vs bytes resident on the device, decode ms/step vs the Dense equivalent.
+
+Rerunning with the same OUT resumes training and reuses a finished table.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mole_jax import bench, checkpoint, lut
+from mole_jax.config import MoleError, TrainConfig, get_preset
+from mole_jax.convert import convert_to_lut
+from mole_jax.decode import LanguageModel, load
+from mole_jax.model import init_params, without_routed_experts
+from mole_jax.train import train
+
+PROMPT = "The return statement"
+
+
+def _ms_per_step(model: LanguageModel, prompt_ids: list[int], steps: int) -> float:
+    """Median decode step time: two generations of different lengths in one cache bucket, the difference per
+    extra step, so prefill and the first-call compilation cancel out."""
+    model.generate(prompt_ids, steps + 8)  # compile and warm up this bucket
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        model.generate(prompt_ids, 8)
+        t1 = time.perf_counter()
+        model.generate(prompt_ids, steps + 8)
+        t2 = time.perf_counter()
+        samples.append(((t2 - t1) - (t1 - t0)) / steps * 1e3)
+    return float(np.median(samples))
+
+
+def _table(lut_dir: Path, run: Path, dtype: str, params) -> lut.LookupTable:
+    """The run's table: reuse a finished one built from these weights, else convert (resuming an interrupted
+    conversion of the same weights, replacing a table of older weights)."""
+    try:
+        return lut.open_lut(lut_dir, expect_fingerprint=lut.fingerprint(params))
+    except MoleError:
+        convert_to_lut(run, lut_dir, dtype=dtype, overwrite=True)
+        return lut.open_lut(lut_dir)
+
+
+def run(out: str | Path = "quickstart", *, preset: str = "small-mole", steps: int = 120, batch_size: int = 16,
+        seq_len: int = 128, table_dtype: str = "float16", placement: str = "storage", prompt: str = PROMPT,
+        max_new_tokens: int = 40, timing_steps: int = 32, progress: bool = True) -> dict:
+    out = Path(out).expanduser().absolute()
+    mole_cfg = get_preset(preset)
+    dense_cfg = get_preset(preset.replace("-mole", "-dense")) if preset.endswith("-mole") else None
+    run_dir, lut_dir = out / "mole", out / "mole" / checkpoint.LUT
+
+    print(f"[1/4] training {preset} for {steps} steps of {batch_size}x{seq_len} tokens on the embedded corpus")
+    tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, checkpoint_every=steps,
+                     eval_every=max(1, steps // 4), log_every=max(1, steps // 12), peak_lr=2e-3, warmup_frac=0.05)
+    result = train(mole_cfg, tc, out=run_dir, preset=preset, progress=progress)
+    history = [m for m in _read_metrics(run_dir) if "loss" in m]
+
+    print(f"[2/4] converting the routed experts into a {table_dtype} lookup table at {lut_dir}")
+    _, trained = checkpoint.restore_params(run_dir)
+    table = _table(lut_dir, run_dir, table_dtype, trained)
+
+    print(f"[3/4] generating with the table on {placement} (experts never reach the device)")
+    model = load(run_dir, lut=table, lut_placement=placement)
+    text = model.generate_text(prompt, max_new_tokens)
+    print(f"    {prompt}{text}")
+
+    print("[4/4] measuring decode ms/step against the Dense model of the same activated size")
+    prompt_ids = model.encode(prompt)
+    rows = {f"mole-lut-{placement}": model}
+    if placement != "host":
+        rows["mole-lut-host"] = load(run_dir, lut=table, lut_placement="host")
+    if dense_cfg is not None:  # random weights: a step's cost does not depend on them
+        rows["dense"] = LanguageModel(dense_cfg, init_params(dense_cfg))
+    timings = {name: _ms_per_step(m, prompt_ids, timing_steps) for name, m in rows.items()}
+    device_bytes = {name: m.device_param_bytes for name, m in rows.items()}
+    # What the training form would keep on the device: every parameter, the routed experts included.
+    device_bytes["mole-experts-on-device"] = sum(int(x.nbytes) for x in _leaves(trained))
+    inference_params = without_routed_experts(trained)
+
+    report = {
+        "run_dir": str(run_dir), "lut_dir": str(lut_dir), "steps": result.step,
+        "first_loss": history[0]["loss"] if history else None, "final_loss": result.loss,
+        "val_loss": result.val_loss, "prompt": prompt, "generated": text,
+        "lut_bytes_on_disk": table.nbytes, "lut_row_bytes": table.row_nbytes, "lut_scheme": table.scheme,
+        "device_param_bytes": device_bytes, "ms_per_step": timings,
+        "inference_form_params": sum(int(np.size(x)) for x in _leaves(inference_params)),
+    }
+    _print_report(report, dense=dense_cfg is not None, placement=placement)
+    bench.write_json(out / "report.json", report)
+    print(f"report written to {out / 'report.json'}")
+    return report
+
+
+def _leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / checkpoint.METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def _print_report(r: dict, *, dense: bool, placement: str) -> None:
+    print("\nquickstart report")
+    print(f"  training loss      {r['first_loss']:.3f} -> {r['final_loss']:.3f} after {r['steps']} steps"
+          f"  (validation {r['val_loss']:.3f})")
+    print(f"  LUT on disk        {_mib(r['lut_bytes_on_disk'])} ({r['lut_scheme']}), "
+          f"{r['lut_row_bytes'] / 1024:.1f} KiB per token row")
+    dev = r["device_param_bytes"]
+    print(f"  device-resident    MoLE with its LUT offloaded {_mib(dev[f'mole-lut-{placement}'])}, "
+          f"MoLE with experts {_mib(dev['mole-experts-on-device'])}"
+          + (f", Dense {_mib(dev['dense'])}" if dense else ""))
+    ms = r["ms_per_step"]
+    base = ms.get("dense")
+    print("  decode ms/step     " + ", ".join(
+        f"{k} {v:.2f}" + (f" ({v / base:.2f}x dense)" if base and k != "dense" else "") for k, v in ms.items()))
