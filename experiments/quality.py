@@ -48,7 +48,7 @@ def lut_check(ctx: common.Context, run: common.Run) -> dict:
     trained = common.scored_loss(mole_jax.load(run.path), tokens, windows, seq_len)
     looked_up = common.scored_loss(mole_jax.load(run.path, lut=table), tokens, windows, seq_len)
     return {"val_loss_scored": trained, "val_loss_lut_fp32": looked_up, "lut_minus_training_form": looked_up - trained,
-            "lut_windows": int(len(windows))}
+            "lut_windows": len(windows)}
 
 
 def experiment(ctx: common.Context):

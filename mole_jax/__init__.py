@@ -11,6 +11,7 @@ The public API (kept small; everything else is reachable through the modules):
     MoleError                      bad input (the CLI prints it on one line and exits 2)
     evaluate(run_dir, data_source, split)   loss (nats), perplexity, tokens of a checkpoint on text
 Training lives in the module of its name: `from mole_jax.train import train` (train or resume a run directory).
+With lm-eval installed, importing mole_jax registers the lm-eval model "mole_jax" (mole_jax.harness).
 """
 
 from mole_jax.config import ModelConfig, MoleError, TrainConfig, get_preset, presets
@@ -27,17 +28,18 @@ __version__ = "0.1.0"
 
 def _register_lm_eval() -> None:
     """Make "mole_jax" an lm-eval model whenever lm-eval is installed (the `eval` extra). The entry is lazy:
-    neither lm-eval's model code nor mole_jax.harness is imported until lm-eval asks for the model (~50 ms)."""
+    neither lm-eval's model code nor mole_jax.harness is imported until lm-eval asks for the model (a few ms)."""
     try:
         import lm_eval.models  # registers lm-eval's own models first: it skips that once the registry is non-empty
-        from lm_eval.api.registry import model_registry
     except ImportError:
         return
     try:
+        from lm_eval.api.registry import model_registry
+
         for alias in ("mole_jax", "mole-jax"):
             if alias not in model_registry:
                 model_registry.register(alias, target="mole_jax.harness:MoleJaxLM")
-    except (AttributeError, TypeError, ValueError) as e:  # another lm-eval registry API: say so, stay importable
+    except (ImportError, AttributeError, TypeError, ValueError) as e:  # an lm-eval older than 0.4.13: say so
         import warnings
 
         warnings.warn(f"mole_jax could not register itself with lm-eval {getattr(lm_eval, '__version__', '?')}: "

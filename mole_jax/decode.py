@@ -446,7 +446,8 @@ def _on_host(tree) -> bool:
 
 # The model -------------------------------------------------------------------------------------------------------
 class LanguageModel:
-    """A model ready for inference on the default device: `.logits`, `.generate`, `.stream`, `.generate_text`.
+    """A model ready for inference on the default device: `.logits`, `.token_logprobs` (scoring), `.generate`,
+    `.stream`, `.generate_text`.
 
     table: MoLE's lookup table (a `lut.LookupTable`, or any object with its interface) for the inference form,
     kept at `placement`; None runs the model as trained. offload_experts: MoE only, the offloading baseline.

@@ -138,6 +138,8 @@ class MoleJaxLM(TemplateLM):
                 raise MoleError("lm-eval asked to score a continuation without context")
             whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
             rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
+        if not rows:
+            return []
         # Longest first: similar lengths share a batch (less padding), and a batch too large for the device fails
         # at once, not at the end of a long run.
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))

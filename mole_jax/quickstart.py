@@ -62,7 +62,9 @@ def run(out: str | Path = "quickstart", *, preset: str = "small-mole", steps: in
     tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, checkpoint_every=steps,
                      eval_every=max(1, steps // 4), log_every=max(1, steps // 12), peak_lr=2e-3, warmup_frac=0.05)
     result = train(mole_cfg, tc, out=run_dir, preset=preset, progress=progress)
-    history = [m for m in _read_metrics(run_dir) if "loss" in m]
+    metrics = _read_metrics(run_dir)  # the whole run's log, also when this call only resumed a finished run
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
 
     print(f"[2/4] converting the routed experts into a {table_dtype} lookup table at {lut_dir}")
     _, trained = checkpoint.restore_params(run_dir)
@@ -88,8 +90,8 @@ def run(out: str | Path = "quickstart", *, preset: str = "small-mole", steps: in
 
     report = {
         "run_dir": str(run_dir), "lut_dir": str(lut_dir), "steps": result.step,
-        "first_loss": history[0]["loss"] if history else None, "final_loss": result.loss,
-        "val_loss": result.val_loss, "prompt": prompt, "generated": text,
+        "first_loss": losses[0], "final_loss": losses[-1], "val_loss": val_losses[-1] if val_losses else None,
+        "prompt": prompt, "generated": text,
         "lut_bytes_on_disk": table.nbytes, "lut_row_bytes": table.row_nbytes, "lut_scheme": table.scheme,
         "device_param_bytes": device_bytes, "ms_per_step": timings,
         "inference_form_params": sum(int(np.size(x)) for x in _leaves(inference_params)),
@@ -118,8 +120,8 @@ def _mib(n: int) -> str:
 
 def _print_report(r: dict, *, dense: bool, placement: str) -> None:
     print("\nquickstart report")
-    print(f"  training loss      {r['first_loss']:.3f} -> {r['final_loss']:.3f} after {r['steps']} steps"
-          f"  (validation {r['val_loss']:.3f})")
+    val = f"  (validation {r['val_loss']:.3f})" if r["val_loss"] is not None else ""
+    print(f"  training loss      {r['first_loss']:.3f} -> {r['final_loss']:.3f} after {r['steps']} steps{val}")
     print(f"  LUT on disk        {_mib(r['lut_bytes_on_disk'])} ({r['lut_scheme']}), "
           f"{r['lut_row_bytes'] / 1024:.1f} KiB per token row")
     dev = r["device_param_bytes"]

@@ -32,9 +32,13 @@ CONTEXT = 48  # the models' max_seq_len: long requests below exceed it, to exerc
 
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "1")  # lm-eval's and ours (tqdm reads it at each bar)
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """No progress bars (tqdm reads TQDM_DISABLE at each bar: lm-eval's and ours) and only lm-eval's errors."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 
 
 def _save_run(path, cfg, params, tokenizer):
@@ -299,6 +303,7 @@ def test_simple_evaluate_on_local_tasks(runs, tmp_path, monkeypatch):
     assert [s["target"] for s in out["samples"]["mole_local_mc"]] == [d["label"] for d in mc]
 
     generated = [s["filtered_resps"][0] for s in out["samples"]["mole_local_gen"]]
+    assert len(generated) == len(gen)
     for doc, text in zip(gen, generated):
         ids = lm.model.generate(lm.tok_encode(doc["prompt"]), 8, eos_id=lm.eot_token_id)
         full = lm.tok_decode(ids)

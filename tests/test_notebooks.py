@@ -35,8 +35,8 @@ def _run(name: str, workdir: Path, **env_changes) -> nbformat.NotebookNode:
     nb.cells.insert(0, nbformat.v4.new_code_cell(NO_NETWORK))
     # one CPU device as a user would have (conftest fakes four for the sharding tests), offline
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="module://"
-               "matplotlib_inline.backend_inline", **env_changes)
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(workdir),
+               MPLBACKEND="module://matplotlib_inline.backend_inline", **env_changes)
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if any cell fails
@@ -69,7 +69,7 @@ def test_quickstart_runs(tmp_path):
     assert re.search(r"greedy tokens shared by both forms: \d+ of 48", text)
     assert "'ok': True" in text and "most distinctive tokens" in text and "experts disagree most" in text
     assert _images(nb) >= 3
-    assert not list(Path(NOTEBOOKS).glob("*run*"))  # nothing written beside the notebooks
+    assert f"run directory: {tmp_path}" in text  # the notebook writes into a temporary directory only
 
 
 def test_latency_runs_a_benchmark_then_plots_a_given_file(tmp_path):
@@ -77,6 +77,7 @@ def test_latency_runs_a_benchmark_then_plots_a_given_file(tmp_path):
     found = re.search(r"benchmark results: (\S+decode\.json)", _text(nb))
     assert found and _images(nb) == 2
     result = Path(found.group(1))
+    assert result.is_relative_to(tmp_path)
     rows = json.loads(result.read_text())["rows"]
     assert {r["model"] for r in rows} == {"dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage"}
     again = _run("latency.ipynb", tmp_path, MOLE_BENCH_JSON=str(result))
