@@ -42,6 +42,8 @@ class Scale(NamedTuple):
     lut_eval_windows: int | None  # windows scored through a lookup table (and the training form, for comparison)
     error_rows: int | None  # table rows compared for reconstruction error (None: every vocabulary row)
     accelerator: bool  # meant for GPU/TPU: --data is required, bfloat16 compute
+    lut_placement: str = "device"  # where a table lives while scored ("storage": rows read per batch, for tables
+    #                                larger than device or host memory, e.g. 410M-16E in float32 is 79 GB)
 
 
 def scales() -> dict[str, Scale]:
@@ -66,7 +68,8 @@ def scales() -> dict[str, Scale]:
         "paper": Scale("paper", "160m", TrainConfig(steps=50_000, batch_size=1024, seq_len=2048, peak_lr=6e-4,
                                                     warmup_frac=0.01, log_every=50, eval_every=1000, eval_batches=8,
                                                     val_fraction=0.0005, checkpoint_every=1000, keep_checkpoints=2),
-                       eval_windows=1024, lut_eval_windows=128, error_rows=4096, accelerator=True),
+                       eval_windows=1024, lut_eval_windows=128, error_rows=4096, accelerator=True,
+                       lut_placement="storage"),
     }
 
 
@@ -444,20 +447,23 @@ def paper_size(ctx: Context) -> str:
 
 # Zero-shot accuracy -------------------------------------------------------------------------------------------
 def zero_shot(run_path: Path, tasks: Sequence[str], lut: Path | None = None, batch_size: int = 16,
-              limit: int | None = None) -> dict[str, dict[str, float]]:
+              limit: int | None = None, include_path: str | None = None) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness on `tasks` through the `mole_jax` adapter (mole_jax.harness): {task: {metric: value}}.
-    Tasks download their data from the Hugging Face hub unless it is cached, so this runs where the hub is
-    reachable (or with a prepared cache)."""
+    lm-eval's own tasks download their data from the Hugging Face hub unless it is cached; `include_path` adds a
+    directory of task YAMLs (e.g. over local JSON lines files)."""
     from mole_jax import MoleError
 
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
 
         import mole_jax.harness  # noqa: F401  (registers the "mole_jax" model)
     except ImportError:
         raise MoleError("zero-shot accuracy needs lm-eval: pip install 'mole-jax[eval]'") from None
-    model_args = f"path={run_path}" + (f",lut={lut}" if lut else "") + f",batch_size={batch_size}"
-    out = lm_eval.simple_evaluate(model="mole_jax", model_args=model_args, tasks=list(tasks), limit=limit)
+    model_args = f"path={run_path}" + (f",lut={lut}" if lut else "")
+    out = lm_eval.simple_evaluate(model="mole_jax", model_args=model_args, tasks=list(tasks), limit=limit,
+                                  batch_size=batch_size, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=include_path))
     results = {}
     for task in tasks:
         r = out["results"].get(task, {})

@@ -48,7 +48,8 @@ def experiment(ctx: common.Context):
         if ref is None:
             ref = x
         err = np.abs(x - ref)
-        loss = common.scored_loss(mole_jax.load(run.path, lut=where), tokens, windows, seq_len)
+        loss = common.scored_loss(mole_jax.load(run.path, lut=where, lut_placement=ctx.scale.lut_placement), tokens,
+                                  windows, seq_len)
         rows.append({"scheme": scheme, "block": info["block"] or None, "table_bytes": info["nbytes"],
                      "of_fp16": info["nbytes"] / info["fp16_nbytes"], "row_bytes": info["row_nbytes"],
                      "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),

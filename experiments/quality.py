@@ -31,6 +31,7 @@ def add_arguments(p):
     p.add_argument("--tasks", nargs="*", default=None,
                    help="zero-shot tasks through lm-eval (default at --scale paper: the paper's eight; else none)")
     p.add_argument("--task-limit", type=int, default=None, help="examples per task (lm-eval --limit), for a quick look")
+    p.add_argument("--task-path", default=None, help="a directory of lm-eval task YAMLs (lm-eval's --include_path)")
 
 
 def labels(ctx: common.Context) -> list[str]:
@@ -46,7 +47,8 @@ def lut_check(ctx: common.Context, run: common.Run) -> dict:
     table = common.lut_table(ctx, run, "float32")
     seq_len = ctx.train_cfg.seq_len
     trained = common.scored_loss(mole_jax.load(run.path), tokens, windows, seq_len)
-    looked_up = common.scored_loss(mole_jax.load(run.path, lut=table), tokens, windows, seq_len)
+    looked_up = common.scored_loss(mole_jax.load(run.path, lut=table, lut_placement=ctx.scale.lut_placement), tokens,
+                                   windows, seq_len)
     return {"val_loss_scored": trained, "val_loss_lut_fp32": looked_up, "lut_minus_training_form": looked_up - trained,
             "lut_windows": len(windows)}
 
@@ -67,10 +69,10 @@ def experiment(ctx: common.Context):
         if run.model.cfg.kind == "mole":
             row.update(lut_check(ctx, run))
         if tasks:
-            scores = common.zero_shot(run.path, tasks, limit=ctx.args.task_limit)
+            scores = common.zero_shot(run.path, tasks, limit=ctx.args.task_limit, include_path=ctx.args.task_path)
             acc = {common.TASK_LABELS.get(t, t): 100 * s.get("acc", float("nan")) for t, s in scores.items()}
             accuracy.append({"model": run.model.label, **acc, "AVG": sum(acc.values()) / len(acc), "raw": scores})
-            row["zero_shot_avg"] = accuracy[-1]["AVG"]
+            row.update(zero_shot_avg=accuracy[-1]["AVG"], zero_shot=scores)
         rows.append(row)
     dense = rows[0]["val_loss"]
     for r in rows:
@@ -133,6 +135,14 @@ def experiment(ctx: common.Context):
             ax1.plot([t / 1e6 for t in x], common.smooth(y), color=c, label=run.model.label)
             x, y = common.curve(run.history, "val_loss", tokens_per_step)
             ax2.plot([t / 1e6 for t in x], y, marker="o", color=c, label=run.model.label)
+        log = [r for r in runs[0].history if r.get("epoch")]
+        if log:  # mark where the data starts repeating
+            tokens_per_epoch = log[-1]["step"] * tokens_per_step / log[-1]["epoch"]
+            for e in range(1, int(log[-1]["epoch"]) + 1):
+                for ax in (ax1, ax2):
+                    ax.axvline(e * tokens_per_epoch / 1e6, color="gray", ls=":", lw=1)
+                ax1.annotate(f"epoch {e + 1}", (e * tokens_per_epoch / 1e6, 1), xycoords=("data", "axes fraction"),
+                             xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
         ax1.set(xlabel="training tokens (M)", ylabel="train loss (nats, smoothed)", title="training loss")
         ax2.set(xlabel="training tokens (M)", ylabel="validation loss (nats)", title="validation loss")
         for ax in (ax1, ax2):

@@ -49,9 +49,28 @@ def finite(row: dict, *keys: str) -> bool:
     return all(isinstance(row[k], (int, float)) and math.isfinite(row[k]) for k in keys)
 
 
+def local_task(root: Path) -> Path:
+    """An lm-eval multiple-choice task over a local JSON lines file (the paper's kind of task, offline)."""
+    docs = [{"question": "what does the interpreter read?", "choices": ["source code", "a melon"], "label": 0},
+            {"question": "what does a function return?", "choices": ["a weather report", "a value"], "label": 1},
+            {"question": "what does import load?", "choices": ["a module", "a boat"], "label": 0}]
+    (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "mc.yaml").write_text(
+        "task: experiments_local_mc\noutput_type: multiple_choice\ndataset_path: json\ntest_split: test\n"
+        f"dataset_kwargs:\n  cache_dir: {root / 'hf-cache'}\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def quality_result(tmp_path_factory, runs):
-    return run_tiny(quality, "quality", tmp_path_factory.mktemp("quality"), runs)
+    tasks = local_task(tmp_path_factory.mktemp("tasks"))
+    with pytest.MonkeyPatch.context() as mp:  # lm-eval and datasets: local files only
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return run_tiny(quality, "quality", tmp_path_factory.mktemp("quality"), runs,
+                        "--tasks", "experiments_local_mc", "--task-path", str(tasks))
 
 
 def test_quality(quality_result):
@@ -71,6 +90,12 @@ def test_quality(quality_result):
     # the scoring path (LanguageModel.token_logprobs) agrees with mole_jax.evaluate on the same 64 windows
     assert abs(mole["val_loss_scored"] - mole["val_loss"]) < 1e-5
     assert quality_result["paper"] is None or quality_result["paper"]["MoLE-4E"]["AVG"] == 40.8
+    # zero-shot through lm-eval and the mole_jax adapter: 3 two-way questions, so acc is a multiple of 1/3
+    for r in rows.values():
+        acc = r["zero_shot"]["experiments_local_mc"]["acc"]
+        assert acc in (0, 1 / 3, 2 / 3, 1) and r["zero_shot_avg"] == pytest.approx(100 * acc)
+    table = quality_result["extra_tables"]["Zero-shot accuracy % (lm-eval, acc)"]
+    assert [t["model"] for t in table][:3] == ["Dense", "MoE-10E", "MoLE-4E"]
 
 
 def test_experts_reuses_quality_runs(tmp_path, runs, quality_result):
