@@ -372,7 +372,8 @@ def _cmd_quickstart(args):
 def _add_quickstart(sub):
     p = sub.add_parser("quickstart", help="the main job on the embedded corpus: train a small MoLE, convert it to "
                                           "a LUT on disk, generate with the LUT offloaded, report")
-    p.add_argument("--out", default="quickstart", help="working directory (rerunning resumes) (quickstart)")
+    p.add_argument("--out", default="runs/quickstart",
+                   help="working directory; rerunning resumes (default runs/quickstart)")
     p.add_argument("--preset", default="small-mole", help="a MoLE preset (small-mole)")
     p.add_argument("--steps", type=int, default=120, help="training steps (120)")
     p.add_argument("--dtype", default="float16", help="table dtype: float32 bfloat16 float16 int8 nf4 nf3 (float16)")

@@ -234,6 +234,9 @@ def _compute_shards(writer: lut.TableWriter, inputs, shards: list[int], cfg: Mod
         rows = sum(c1 - c0 for c0, c1 in step_chunks)
         stats["rows"] += rows
         bar.update(rows)
+        show()
+
+    def show():
         seconds = time.perf_counter() - stats["t0"]
         written = stats["bytes"]
         written = f"{written / 1e9:.2f} GB" if written >= 1e9 else f"{written / 1e6:.0f} MB"
@@ -262,6 +265,7 @@ def _compute_shards(writer: lut.TableWriter, inputs, shards: list[int], cfg: Mod
             drain(*previous)
         while inflight:
             finish_oldest()
+        show()  # the bytes count when their writes finish: the last ones only now
     finally:
         bar.close()
     return time.perf_counter() - stats["t0"]

@@ -40,17 +40,17 @@ def _ms_per_step(model: LanguageModel, prompt_ids: list[int], steps: int) -> flo
     return float(np.median(samples))
 
 
-def _table(lut_dir: Path, run: Path, dtype: str, params) -> lut.LookupTable:
+def _table(lut_dir: Path, run: Path, dtype: str, params, progress: bool) -> lut.LookupTable:
     """The run's table: reuse a finished one built from these weights, else convert (resuming an interrupted
     conversion of the same weights, replacing a table of older weights)."""
     try:
         return lut.open_lut(lut_dir, expect_fingerprint=lut.fingerprint(params))
     except MoleError:
-        convert_to_lut(run, lut_dir, dtype=dtype, overwrite=True)
+        convert_to_lut(run, lut_dir, dtype=dtype, overwrite=True, progress=progress)
         return lut.open_lut(lut_dir)
 
 
-def run(out: str | Path = "quickstart", *, preset: str = "small-mole", steps: int = 120, batch_size: int = 16,
+def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", steps: int = 120, batch_size: int = 16,
         seq_len: int = 128, table_dtype: str = "float16", placement: str = "storage", prompt: str = PROMPT,
         max_new_tokens: int = 40, timing_steps: int = 32, progress: bool = True) -> dict:
     out = Path(out).expanduser().absolute()
@@ -68,12 +68,14 @@ def run(out: str | Path = "quickstart", *, preset: str = "small-mole", steps: in
 
     print(f"[2/4] converting the routed experts into a {table_dtype} lookup table at {lut_dir}")
     _, trained = checkpoint.restore_params(run_dir)
-    table = _table(lut_dir, run_dir, table_dtype, trained)
+    table = _table(lut_dir, run_dir, table_dtype, trained, progress)
 
     print(f"[3/4] generating with the table on {placement} (experts never reach the device)")
     model = load(run_dir, lut=table, lut_placement=placement)
-    text = model.generate_text(prompt, max_new_tokens)
-    print(f"    {prompt}{text}")
+    # Sampled (seeded, so a rerun prints the same): greedy decoding of a model this small loops on newlines.
+    text = model.generate_text(prompt, max_new_tokens, temperature=0.7, top_k=40, seed=0)
+    print("    (sampled: temperature 0.7, top-k 40, seed 0)")
+    print("\n".join(f"    | {line}" for line in f"{prompt}{text}".rstrip().splitlines()))
 
     print("[4/4] measuring decode ms/step against the Dense model of the same activated size")
     prompt_ids = model.encode(prompt)
