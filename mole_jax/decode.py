@@ -139,17 +139,23 @@ def _layer_rows(rows: Rows, l: int) -> jax.Array:
     return rows_Mx1xNxD.reshape(B, T, *rows_Mx1xNxD.shape[2:])
 
 
-def _forward(model, ids_BxT, pos_BxT, cache, last_B, rows: Rows | None):
-    """Every layer; MoLE reads `rows` (inference form) or runs its experts (training form, rows None)."""
+def _hidden(model, ids_BxT, pos_BxT, cache, rows: Rows | None):
+    """Every layer, before the final norm; MoLE reads `rows` (inference form) or runs its experts (training form,
+    rows None). cache: one KVCache per layer, or None for a full causal pass."""
     x0_BxTxD = _embed(model, ids_BxT)
     expert_input = None
     if model.cfg.kind == "mole" and rows is None:
         expert_input = model._expert_input(ids_BxT, x0_BxTxD, 0)
     h_BxTxD, new_cache = x0_BxTxD, []
     for l, block in enumerate(model.blocks):
-        h_BxTxD, c, _ = block(h_BxTxD, pos_BxT, cache=cache[l], expert_input=expert_input,
-                              lut_BxTxNxD=None if rows is None else _layer_rows(rows, l))
+        h_BxTxD, c, _ = block(h_BxTxD, pos_BxT, cache=None if cache is None else cache[l],
+                              expert_input=expert_input, lut_BxTxNxD=None if rows is None else _layer_rows(rows, l))
         new_cache.append(c)
+    return h_BxTxD, new_cache
+
+
+def _forward(model, ids_BxT, pos_BxT, cache, last_B, rows: Rows | None):
+    h_BxTxD, new_cache = _hidden(model, ids_BxT, pos_BxT, cache, rows)
     return logits_at(model.norm_out, model.unembed_DxV, h_BxTxD, last_B), new_cache
 
 
@@ -240,15 +246,7 @@ def _token_logprobs(graphdef, scheme, params, ids_BxT, targets_BxT, stored, inde
     model = nnx.merge(graphdef, params)
     B, T = ids_BxT.shape
     rows = _rows(scheme, stored, index_BxT, ids_BxT)
-    x0_BxTxD = _embed(model, ids_BxT)
-    expert_input = None
-    if model.cfg.kind == "mole" and rows is None:
-        expert_input = model._expert_input(ids_BxT, x0_BxTxD, 0)
-    pos_BxT = positions(jnp.zeros((B,), jnp.int32), T)
-    h_BxTxD = x0_BxTxD
-    for l, block in enumerate(model.blocks):
-        h_BxTxD, _, _ = block(h_BxTxD, pos_BxT, expert_input=expert_input,
-                              lut_BxTxNxD=None if rows is None else _layer_rows(rows, l))
+    h_BxTxD, _ = _hidden(model, ids_BxT, positions(jnp.zeros((B,), jnp.int32), T), None, rows)
     h_BxTxD = model.norm_out(h_BxTxD)
     unembed_DxV = model.unembed_DxV[...].astype(h_BxTxD.dtype)
 
