@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from mole_jax import data
+from mole_jax.config import MoleError
 
 BATCH_DOCS = 1024  # documents per tokenizer call (the Rust tokenizer parallelises within a batch)
 
@@ -36,8 +40,6 @@ BATCH_DOCS = 1024  # documents per tokenizer call (the Rust tokenizer parallelis
 def documents(sources: list[str], *, text_field: str = "text", split: str = "train",
               allow_download: bool = False) -> Iterator[str]:
     """Every document of the sources, in order."""
-    from mole_jax import MoleError, data
-
     for src in sources:
         if src.startswith("hf:"):
             yield from _hf_documents(src, text_field, split, allow_download)
@@ -54,8 +56,6 @@ def documents(sources: list[str], *, text_field: str = "text", split: str = "tra
 
 
 def _hf_documents(spec: str, text_field: str, split: str, allow_download: bool) -> Iterator[str]:
-    from mole_jax import MoleError
-
     try:
         import datasets
         import huggingface_hub.constants as hub_constants
@@ -88,8 +88,6 @@ def _hf_documents(spec: str, text_field: str, split: str, allow_download: bool) 
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    from mole_jax import MoleError
-
     if path.name.endswith(".zst"):
         try:
             import zstandard
@@ -113,48 +111,26 @@ def write_tokens(docs: Iterator[str], tokenizer, out: Path, *, max_tokens: int |
                  progress: bool = True) -> dict:
     """Tokenise `docs` into `out` (appending EOS after each document when the tokenizer has it); at most
     `max_tokens`. Returns {"tokens", "documents", "path"}."""
-    from tqdm.auto import tqdm
-
-    from mole_jax import MoleError, data
-
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = data.token_file_dtype(out)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if vocab > np.iinfo(dtype).max + 1:
         raise MoleError(f"the tokenizer has {vocab:,} tokens, more than {np.dtype(dtype).name} holds: name the output "
                         f"*.u32.bin")
-    eos = tokenizer.token_to_id(data.EOS)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     written = n_docs = 0
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc=out.name)
     try:
         with open(tmp, "wb") as f:
-            batch: list[str] = []
-
-            def flush() -> bool:
-                nonlocal written, n_docs
-                for enc in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
-                    ids = np.asarray(enc.ids + ([eos] if eos is not None else []), dtype)
-                    if max_tokens is not None and written + ids.size > max_tokens:
-                        ids = ids[:max_tokens - written]
-                    ids.tofile(f)
-                    written += ids.size
-                    n_docs += 1
-                    bar.update(ids.size)
-                    if max_tokens is not None and written >= max_tokens:
-                        return False
-                batch.clear()
-                return True
-
-            for doc in docs:
-                if not doc or doc.isspace():
-                    continue
-                batch.append(doc)
-                if len(batch) == BATCH_DOCS and not flush():
+            for ids in _document_tokens(docs, tokenizer, dtype):
+                if max_tokens is not None:
+                    ids = ids[:max_tokens - written]
+                ids.tofile(f)
+                written += ids.size
+                n_docs += 1
+                bar.update(ids.size)
+                if max_tokens is not None and written >= max_tokens:
                     break
-            else:
-                if batch:
-                    flush()
         if not written:
             raise MoleError("the sources hold no text")
         tmp.replace(out)
@@ -162,6 +138,27 @@ def write_tokens(docs: Iterator[str], tokenizer, out: Path, *, max_tokens: int |
         bar.close()
         tmp.unlink(missing_ok=True)
     return {"tokens": written, "documents": n_docs, "path": str(out)}
+
+
+def _document_tokens(docs: Iterator[str], tokenizer, dtype) -> Iterator[np.ndarray]:
+    """Each non-blank document's token ids, EOS appended when the tokenizer has it, encoded BATCH_DOCS at a time."""
+    eos = tokenizer.token_to_id(data.EOS)
+    for batch in _batches(docs):
+        for enc in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
+            yield np.asarray(enc.ids + ([eos] if eos is not None else []), dtype)
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        if not doc or doc.isspace():
+            continue
+        batch.append(doc)
+        if len(batch) == BATCH_DOCS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def main(argv=None) -> int:
@@ -178,8 +175,6 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from mole_jax import MoleError, data
-
     try:
         out = Path(args.out).expanduser().absolute()
         if not out.name.endswith(".bin"):

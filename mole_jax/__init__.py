@@ -11,39 +11,81 @@ The public API (kept small; everything else is reachable through the modules):
     MoleError                      bad input (the CLI prints it on one line and exits 2)
     evaluate(run_dir, data_source, split)   loss (nats), perplexity, tokens of a checkpoint on text
 Training lives in the module of its name: `from mole_jax.train import train` (train or resume a run directory).
-With lm-eval installed, importing mole_jax registers the lm-eval model "mole_jax" (mole_jax.harness).
+
+Importing the package is cheap: the names above are resolved on first use (PEP 562), so `mole-jax --help` and
+`import mole_jax` do not load JAX. With lm-eval installed, the lm-eval model "mole_jax" (mole_jax.harness) is
+registered as soon as lm-eval's registry is loaded (see `_register_with_lm_eval`).
 """
 
-from mole_jax.config import ModelConfig, MoleError, TrainConfig, get_preset, presets
-from mole_jax.decode import LanguageModel, load
-from mole_jax.hf import export_hf, import_hf
-from mole_jax.convert import convert_to_lut
-from mole_jax.lut import open_lut
-from mole_jax.train import evaluate
+from __future__ import annotations
 
-__all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", "LanguageModel", "load",
-           "import_hf", "export_hf", "convert_to_lut", "open_lut", "evaluate"]
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+from mole_jax.config import ModelConfig, MoleError, TrainConfig, get_preset, presets
+
 __version__ = "0.1.0"
 
-
-def _register_lm_eval() -> None:
-    """Make "mole_jax" an lm-eval model whenever lm-eval is installed (the `eval` extra). The entry is lazy:
-    neither lm-eval's model code nor mole_jax.harness is imported until lm-eval asks for the model (a few ms)."""
-    try:
-        import lm_eval.models  # registers lm-eval's own models first: it skips that once the registry is non-empty
-    except ImportError:
-        return
-    try:
-        from lm_eval.api.registry import model_registry
-
-        for alias in ("mole_jax", "mole-jax"):
-            if alias not in model_registry:
-                model_registry.register(alias, target="mole_jax.harness:MoleJaxLM")
-    except (ImportError, AttributeError, TypeError, ValueError) as e:  # an lm-eval older than 0.4.13: say so
-        import warnings
-
-        warnings.warn(f"mole_jax could not register itself with lm-eval {getattr(lm_eval, '__version__', '?')}: "
-                      f"{e}", stacklevel=2)
+_LAZY = {  # public name -> the module that defines it
+    "LanguageModel": "mole_jax.decode", "load": "mole_jax.decode",
+    "import_hf": "mole_jax.hf", "export_hf": "mole_jax.hf",
+    "convert_to_lut": "mole_jax.convert", "open_lut": "mole_jax.lut", "evaluate": "mole_jax.evaluation",
+}
+__all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", *_LAZY]
 
 
-_register_lm_eval()
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mole_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+# lm-eval ----------------------------------------------------------------------------------------------------------
+_LM_EVAL_REGISTRY = "lm_eval.api.registry"
+
+
+def _register(registry) -> None:
+    for alias in ("mole_jax", "mole-jax"):
+        if alias not in registry.model_registry:
+            registry.model_registry.register(alias, target="mole_jax.harness:MoleJaxLM")  # lazy: a path, no import
+
+
+class _RegisterWithLmEval(importlib.abc.MetaPathFinder):
+    """lm-eval (0.4.13) finds models only in its in-process registry; it reads no entry points. Importing lm-eval
+    here would make every `import mole_jax` slower, so this finder waits for lm-eval's registry module to be
+    imported by whoever uses lm-eval, and registers "mole_jax" right after it has loaded."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _LM_EVAL_REGISTRY:
+            return None
+        sys.meta_path.remove(self)  # find the real spec with the other finders, then wrap its loader
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            _register(module)
+            importlib.import_module("lm_eval.models")  # lm-eval's own model table, as importing lm_eval loads it
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def _register_with_lm_eval() -> None:
+    if _LM_EVAL_REGISTRY in sys.modules:  # lm-eval was imported first: register now (cheap)
+        _register(sys.modules[_LM_EVAL_REGISTRY])
+    elif not any(isinstance(f, _RegisterWithLmEval) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWithLmEval())
+
+
+_register_with_lm_eval()

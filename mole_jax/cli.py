@@ -74,10 +74,11 @@ def _cmd_lut_info(args):
                 "max_abs_error" in ver else "yes" if info["complete"] else
                 "NO: interrupted or unverified; rerun the same `mole-jax convert` command")
     for k, v in [("location", info["location"]), ("shape", f"[{V}, {L}, {N}, {D}]  (V, layers, experts, d_model)"),
-                 ("dtype", info["scheme"] + block),
+                 ("scheme", info["scheme"] + block),
                  ("bytes", f"{info['nbytes']:,} ({info['nbytes'] / info['fp16_nbytes']:.1%} of float16)"),
                  ("row bytes", f"{info['row_nbytes']:,}"),
-                 ("shards", f"{info['shards_written']} of {info['num_shards']} written, {info['shard_rows']} rows each"),
+                 ("shards", f"{info['shards_written']} of {info['num_shards']} written, "
+                            f"{info['shard_rows']} rows each"),
                  ("fingerprint", info["fingerprint"]), ("complete", complete)]:
         print(f"{k:<12} {v}")
 
@@ -96,11 +97,12 @@ def _cmd_lut_verify(args):
 
 
 def _add_lut(sub):
-    schemes = ["float32", "bfloat16", "float16", "int8", "nf4", "nf3"]  # lut.SCHEMES, without importing jax
+    from mole_jax.schemes import SCHEMES  # numpy and ml_dtypes only: building the parser starts no JAX
+
     p = sub.add_parser("convert", help="MoLE re-parameterisation: a training-form checkpoint -> lookup table")
     p.add_argument("ckpt", help="run directory, checkpoints directory or step directory of a MoLE model")
     p.add_argument("lut_dir", help="table directory to create (or a kvstore URL: memory://, gs://, s3://)")
-    p.add_argument("--dtype", default="float16", choices=schemes, help="storage scheme (default float16)")
+    p.add_argument("--dtype", default="float16", choices=SCHEMES, help="storage scheme (default float16)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="vocabulary rows each device computes per step (must divide the shard rows)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per table file (default: ~64 MiB files)")
@@ -114,7 +116,7 @@ def _add_lut(sub):
 
     lut_p = sub.add_parser("lut", help="inspect and verify lookup tables")
     lut_sub = lut_p.add_subparsers(dest="lut_command", required=True, parser_class=_Parser)
-    p = lut_sub.add_parser("info", help="shape, dtype, bytes, row bytes, fingerprint, complete or not")
+    p = lut_sub.add_parser("info", help="shape, scheme, bytes, row bytes, fingerprint, complete or not")
     p.add_argument("lut_dir")
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(func=_cmd_lut_info)
@@ -127,7 +129,7 @@ def _add_lut(sub):
 
 
 def _cmd_bench_convert(args):
-    from mole_jax.bench import bench_convert
+    from mole_jax.bench.convert import bench_convert
 
     bench_convert(preset=args.preset, vocab_sizes=args.vocab_sizes, dtype=args.dtype, batch_rows=args.batch_rows,
                   shard_rows=args.shard_rows, json_path=args.json)
@@ -220,7 +222,7 @@ def _add_generate(sub):
 
 
 def _cmd_bench_decode(args):
-    from mole_jax.bench import bench_decode
+    from mole_jax.bench.decode import bench_decode
 
     bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                  link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
@@ -313,7 +315,7 @@ def _add_train(sub):
 def _cmd_eval(args):
     import json
 
-    from mole_jax.train import evaluate
+    from mole_jax.evaluation import evaluate
 
     r = evaluate(args.run_dir, data_source=args.data, split=args.split, batch_size=args.batch_size,
                  seq_len=args.seq_len, devices=args.devices, max_windows=args.max_windows)
@@ -340,7 +342,7 @@ def _add_eval(sub):
 
 
 def _cmd_bench_train(args):
-    from mole_jax.bench import bench_train
+    from mole_jax.bench.train import bench_train
 
     bench_train(preset_size=args.preset_size, tokens_per_step=[int(t) for t in args.tokens.split(",")],
                 seq_len=args.seq_len, micro_tokens=args.micro_tokens, iters=args.iters, dtype=args.dtype,

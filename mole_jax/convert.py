@@ -2,10 +2,11 @@
 
 `convert_to_lut(ckpt, lut_dir)` evaluates every routed expert of every layer on every vocabulary row
 (`model.Transformer.lut_rows`, in float32 whatever the training dtype) and streams the result into a table
-(lut.py). The vocabulary is cut into shards (the table's files); each device computes `batch_rows` rows per step,
-the steps are jitted once, the rows of a step are split over the local devices, and the quantisation runs on
-the devices too, so only stored bytes reach the host. The next step is dispatched before the previous step's
-rows are fetched and written, and Tensorstore writes are asynchronous, so compute, transfer and writing overlap.
+(lut.py) through the writer's shard pipeline (lut_writer.py). The vocabulary is cut into shards (the table's
+files); each device computes `batch_rows` rows per step, the steps are jitted once, the rows of a step are split
+over the local devices, and the quantisation runs on the devices too, so only stored bytes reach the host. The
+next step is dispatched before the previous step's rows are fetched and written, and Tensorstore writes are
+asynchronous, so compute, transfer and writing overlap.
 
 Bit-identical whatever happens: `batch_rows` divides the shard size, so every device always computes an aligned
 slice of one shard with the same program. Rows therefore come out the same on 1 or 4 devices, from one or
@@ -21,22 +22,28 @@ process 0 prepares the table and, after a barrier, verifies and completes it.
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
-from mole_jax import checkpoint, lut, sharding
+from mole_jax import checkpoint, lut, schemes, sharding
 from mole_jax.config import ModelConfig, MoleError
+from mole_jax.lut_writer import ShardPipeline, TableWriter
 from mole_jax.model import graphdef_and_shapes
+from mole_jax.schemes import Layout
 
 STEP_TARGET_BYTES = 64 << 20  # float32 rows (or expert activations) one device computes per step, by default
 VERIFY_ROWS = 16
+# Recomputing a row in float32 with another batch shape may differ in the last bits; verification allows this
+# much (relative to each expert vector's absmax) on top of the scheme's own bound.
+VERIFY_RTOL = 1e-5
 
 
 def flops_per_row(cfg: ModelConfig) -> int:
@@ -96,7 +103,7 @@ def compare_rows(ref_RxLxNxD: np.ndarray, got_RxLxNxD: np.ndarray, scheme: str, 
     vector's absmax (float32 recomputation in another batch shape may differ in the last bits). NaN fails."""
     ref = np.asarray(ref_RxLxNxD, np.float64)
     err = np.abs(np.asarray(got_RxLxNxD, np.float64) - ref)
-    allowed = (lut.error_bound(ref, scheme, block) + lut.VERIFY_RTOL * np.abs(ref).max(axis=-1, keepdims=True)
+    allowed = (schemes.error_bound(ref, scheme, block) + VERIFY_RTOL * np.abs(ref).max(axis=-1, keepdims=True)
                + 1e-30)
     ratio = err / allowed
     ok = bool(np.all(np.isfinite(err)) and np.all(ratio <= 1.0))
@@ -116,7 +123,6 @@ def _local_mesh(devices) -> Mesh:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -126,16 +132,16 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
                    max_inflight_shards: int = 2) -> Path | str:
     """Tabulate a MoLE training-form checkpoint (run, checkpoints or step directory) into a table at `lut_dir`.
 
-    dtype: the table's scheme, one of lut.SCHEMES. batch_rows: rows each device computes per step (must divide
+    dtype: the table's scheme, one of schemes.SCHEMES. batch_rows: rows each device computes per step (must divide
     shard_rows; default: the most whose float32 rows fit in 64 MiB). shard_rows: rows per table file (default:
     files of about 64 MiB; kept from the first run when resuming).
-    block: nf4/nf3 quantisation block (lut.default_block). overwrite: replace a complete table (or an interrupted
+    block: nf4/nf3 quantisation block (schemes.default_block). overwrite: replace a complete table (or an interrupted
     one of other parameters); an interrupted conversion of the same parameters and settings is always resumed.
     devices: the local devices to use (default all). Returns the table's location (Path or URL).
     """
-    scheme = lut.check_scheme(dtype)
+    scheme = schemes.check_scheme(dtype)
     cfg, ref = training_form_config(ckpt)
-    lut.make_layout(scheme, cfg, block)  # a bad scheme or block fails before anything is read or written
+    schemes.make_layout(scheme, cfg, block)  # a bad scheme or block fails before anything is read or written
     if batch_rows is not None and shard_rows is not None and (batch_rows <= 0 or shard_rows % batch_rows):
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of shard_rows {shard_rows}")
     devices = list(devices or jax.local_devices())
@@ -146,14 +152,8 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     fingerprint = lut.fingerprint(inputs)
     source = {"checkpoint": str(ref.path), "step": ref.step}
     first = jax.process_index() == 0
-    writer = None
-    if first:
-        writer = lut.TableWriter.start(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
-                                       overwrite=overwrite, checksum=checksum, source=source)
-    _barrier("mole-jax-convert-start")
-    if not first:
-        writer = lut.TableWriter.start(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
-                                       checksum=checksum, source=source, create=False)
+    writer = _start_writer(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
+                           overwrite=overwrite, checksum=checksum, source=source)
     S = writer.shard_rows
     R = batch_rows or default_batch_rows(cfg, S)
     if not isinstance(R, int) or R <= 0 or S % R:
@@ -162,7 +162,8 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     pending = writer.pending_shards()
     mine = pending[jax.process_index()::jax.process_count()]
     with jax.default_matmul_precision("highest"):  # true float32 matmuls on GPU/TPU too (no TF32)
-        seconds = _compute_shards(writer, inputs, mine, cfg, R, mesh, progress, max_inflight_shards)
+        seconds = _compute_shards(writer, inputs, mine, cfg=cfg, batch_rows=R, mesh=mesh, progress=progress,
+                                  max_inflight=max_inflight_shards)
     run = {"processes": jax.process_count(), "devices_per_process": len(devices), "batch_rows": R,
            "shards_computed": len(pending), "compute_seconds_process0": seconds}
     _barrier("mole-jax-convert-written")
@@ -177,102 +178,114 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     return writer.location
 
 
-def _compute_shards(writer: lut.TableWriter, inputs, shards: list[int], cfg: ModelConfig, R: int, mesh: Mesh,
-                    progress: bool, max_inflight: int) -> float:
+def _start_writer(lut_dir, cfg: ModelConfig, scheme: str, fingerprint: str, *, block: int | None,
+                  shard_rows: int | None, overwrite: bool, checksum: bool, source: dict) -> TableWriter:
+    """Process 0 creates, resumes or replaces the table; the other processes open it once it is prepared."""
+    settings = dict(block=block, shard_rows=shard_rows, checksum=checksum, source=source)
+    writer = None
+    if jax.process_index() == 0:
+        writer = TableWriter.start(lut_dir, cfg, scheme, fingerprint, overwrite=overwrite, **settings)
+    _barrier("mole-jax-convert-start")
+    if writer is None:
+        writer = TableWriter.start(lut_dir, cfg, scheme, fingerprint, create=False, **settings)
+    return writer
+
+
+def _compute_shards(writer: TableWriter, inputs, shards: list[int], *, cfg: ModelConfig, batch_rows: int,
+                    mesh: Mesh, progress: bool, max_inflight: int) -> float:
     """Compute and write these shards; returns the seconds from the first dispatch to the last durable write."""
-    layout, S = writer.layout, writer.shard_rows
-    n_dev = mesh.devices.size
-    rows_sharding = NamedSharding(mesh, P(sharding.MESH_AXES))
-    rows_fn = lut_rows_fn(cfg)
-
-    def step(inputs, ids_B):
-        rows_BxLxNxD = rows_fn(inputs, ids_B)
-        # Counted explicitly: a cross-device max reduction may drop NaNs (it does on the CPU backend)
-        nonfinite = jnp.sum(~jnp.isfinite(rows_BxLxNxD))
-        return (lut.quantize(rows_BxLxNxD, layout.scheme, layout.block, xp=jnp),
-                (jnp.max(jnp.abs(rows_BxLxNxD)), nonfinite))
-
-    # Chunks of R rows never cross a shard boundary; a step is n_dev chunks, one per device.
-    chunks = [(c0, min(c0 + R, stop)) for i in shards for start, stop in [writer.shard_range(i)]
-              for c0 in range(start, stop, R)]
-    steps = [chunks[k:k + n_dev] for k in range(0, len(chunks), n_dev)]
+    steps = _chunks_by_step(writer, shards, batch_rows, mesh.devices.size)
     if not steps:
         return 0.0
-    ids_spec = jax.ShapeDtypeStruct((n_dev * R,), jnp.int32, sharding=rows_sharding)
-    step = jax.jit(step, out_shardings=(rows_sharding, NamedSharding(mesh, P()))).lower(inputs, ids_spec).compile()
-    total_rows = sum(c1 - c0 for c0, c1 in chunks)
-    buffers: dict[int, dict] = {}
-    inflight: deque = deque()
-    stats = {"rows": 0, "bytes": 0, "t0": time.perf_counter()}
-    bar = _progress_bar(total_rows, progress)
-
-    def ids_of(step_chunks):
-        ids = np.zeros((n_dev, R), np.int32)  # padding rows compute row 0 and are dropped
-        for k, (c0, c1) in enumerate(step_chunks):
-            ids[k] = np.minimum(np.arange(c0, c0 + R), c1 - 1)
-        return jax.device_put(ids.reshape(-1), rows_sharding)
-
-    def drain(step_chunks, out):
-        stored_dev, (absmax, nonfinite) = out
-        _check_range(float(absmax), int(nonfinite), layout.scheme, step_chunks)
-        host = {name: np.asarray(a) for name, a in stored_dev.items()}
-        for k, (c0, c1) in enumerate(step_chunks):
-            i = c0 // S
-            start, stop = writer.shard_range(i)
-            buf = buffers.get(i)
-            if buf is None:
-                buf = buffers[i] = {"filled": 0, "stored": {n: np.empty((stop - start, *shape), dt)
-                                                            for n, (shape, dt) in layout.arrays.items()}}
-            for name, a in host.items():
-                buf["stored"][name][c0 - start:c1 - start] = a[k * R:k * R + (c1 - c0)]
-            buf["filled"] += c1 - c0
-            if buf["filled"] == stop - start:
-                del buffers[i]
-                inflight.append((writer.write_shard(i, buf["stored"]), (stop - start) * layout.row_nbytes))
-        while len(inflight) > max_inflight:
-            finish_oldest()
-        rows = sum(c1 - c0 for c0, c1 in step_chunks)
-        stats["rows"] += rows
-        bar.update(rows)
-        show()
-
-    def show():
-        seconds = time.perf_counter() - stats["t0"]
-        written = stats["bytes"]
-        written = f"{written / 1e9:.2f} GB" if written >= 1e9 else f"{written / 1e6:.0f} MB"
-        bar.set_postfix_str(f"{written} written, "
-                            f"{stats['rows'] * flops_per_row(cfg) / max(seconds, 1e-9) / 1e9:.1f} GFLOP/s")
-
-    def finish_oldest():
-        futures, nbytes = inflight.popleft()
-        try:
-            for f in futures:
-                f.result()
-        except ValueError as e:
-            raise MoleError(f"writing to {writer.location} failed: {e}") from None
-        stats["bytes"] += nbytes
-
+    step = _ConversionStep(cfg, writer.layout, inputs, mesh, batch_rows)  # compiles: before the clock starts
+    pipeline = ShardPipeline(writer, max_inflight)
+    meter = _Meter(sum(c1 - c0 for chunks in steps for c0, c1 in chunks), cfg, progress)
     try:
         previous = None
-        for step_chunks in steps:
-            out = step(inputs, ids_of(step_chunks))  # dispatched asynchronously ...
-            for a in out[0].values():
-                a.copy_to_host_async()  # the transfer starts as soon as the step is done, not when we ask
+        for chunks in steps:
+            out = step.dispatch(inputs, chunks)  # runs asynchronously ...
             if previous is not None:
-                drain(*previous)  # ... while the previous step's rows are fetched and written
-            previous = (step_chunks, out)
-        if previous is not None:
-            drain(*previous)
-        while inflight:
-            finish_oldest()
-        show()  # the bytes count when their writes finish: the last ones only now
+                # ... while the previous step's rows are fetched and written
+                meter.update(step.drain(*previous, pipeline), pipeline.bytes_written)
+            previous = (chunks, out)
+        meter.update(step.drain(*previous, pipeline), pipeline.bytes_written)
+        pipeline.flush()
+        meter.update(0, pipeline.bytes_written)  # the bytes count when their writes finish: the last ones only now
     finally:
-        bar.close()
-    return time.perf_counter() - stats["t0"]
+        meter.close()
+    return meter.seconds()
 
 
-def _check_range(absmax: float, nonfinite: int, scheme: str, step_chunks) -> None:
-    first, last = step_chunks[0][0], step_chunks[-1][1]
+def _chunks_by_step(writer: TableWriter, shards: list[int], R: int, n_dev: int) -> list[list[tuple[int, int]]]:
+    """Row ranges [c0, c1) of at most R rows that never cross a shard boundary, n_dev per step (one per device)."""
+    chunks = [(c0, min(c0 + R, stop)) for i in shards for start, stop in [writer.shard_range(i)]
+              for c0 in range(start, stop, R)]
+    return [chunks[k:k + n_dev] for k in range(0, len(chunks), n_dev)]
+
+
+class _ConversionStep:
+    """The compiled step: R rows per local device -> their stored arrays, quantised on the devices."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout, inputs, mesh: Mesh, R: int):
+        self.scheme, self.R, self.n_dev = layout.scheme, R, mesh.devices.size
+        self.rows_sharding = NamedSharding(mesh, P(sharding.MESH_AXES))
+        rows_fn = lut_rows_fn(cfg)
+
+        def step(inputs, ids_B):
+            rows_BxLxNxD = rows_fn(inputs, ids_B)
+            # Counted explicitly: a cross-device max reduction may drop NaNs (it does on the CPU backend)
+            nonfinite = jnp.sum(~jnp.isfinite(rows_BxLxNxD))
+            return (schemes.quantize(rows_BxLxNxD, layout.scheme, layout.block, xp=jnp),
+                    (jnp.max(jnp.abs(rows_BxLxNxD)), nonfinite))
+
+        ids_spec = jax.ShapeDtypeStruct((self.n_dev * R,), jnp.int32, sharding=self.rows_sharding)
+        self._compiled = jax.jit(step, out_shardings=(self.rows_sharding, NamedSharding(mesh, P()))).lower(
+            inputs, ids_spec).compile()
+
+    def dispatch(self, inputs, chunks: list[tuple[int, int]]):
+        """Start the step on these chunks (one per device); returns its outputs, still on the devices."""
+        ids = np.zeros((self.n_dev, self.R), np.int32)  # padding rows compute row 0 and are dropped
+        for k, (c0, c1) in enumerate(chunks):
+            ids[k] = np.minimum(np.arange(c0, c0 + self.R), c1 - 1)
+        out = self._compiled(inputs, jax.device_put(ids.reshape(-1), self.rows_sharding))
+        for a in out[0].values():
+            a.copy_to_host_async()  # the transfer starts as soon as the step is done, not when we ask
+        return out
+
+    def drain(self, chunks: list[tuple[int, int]], out, pipeline: ShardPipeline) -> int:
+        """Check a dispatched step's range, hand its rows to the pipeline; returns the rows drained."""
+        stored_dev, (absmax, nonfinite) = out
+        _check_range(float(absmax), int(nonfinite), self.scheme, chunks)
+        host = {name: np.asarray(a) for name, a in stored_dev.items()}
+        for k, (c0, c1) in enumerate(chunks):
+            pipeline.add(c0, {name: a[k * self.R:k * self.R + (c1 - c0)] for name, a in host.items()})
+        return sum(c1 - c0 for c0, c1 in chunks)
+
+
+class _Meter:
+    """The progress bar: rows converted, bytes durably written, and the conversion's FLOP rate."""
+
+    def __init__(self, total_rows: int, cfg: ModelConfig, enabled: bool):
+        self.rows, self.flops_per_row, self.t0 = 0, flops_per_row(cfg), time.perf_counter()
+        self.bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc="convert", disable=not enabled,
+                        smoothing=0.1)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def update(self, rows: int, bytes_written: int) -> None:
+        self.rows += rows
+        self.bar.update(rows)
+        written = f"{bytes_written / 1e9:.2f} GB" if bytes_written >= 1e9 else f"{bytes_written / 1e6:.0f} MB"
+        rate = self.rows * self.flops_per_row / max(self.seconds(), 1e-9) / 1e9
+        self.bar.set_postfix_str(f"{written} written, {rate:.1f} GFLOP/s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check_range(absmax: float, nonfinite: int, scheme: str, chunks) -> None:
+    first, last = chunks[0][0], chunks[-1][1]
     if nonfinite or not np.isfinite(absmax):
         raise MoleError(f"the experts' outputs for token ids {first}..{last - 1} are not finite (NaN or inf in the "
                         "checkpoint's weights?)")
@@ -281,17 +294,11 @@ def _check_range(absmax: float, nonfinite: int, scheme: str, step_chunks) -> Non
                         "use bfloat16, float32, int8 or nf4")
 
 
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="row", unit_scale=True, desc="convert", disable=not enabled, smoothing=0.1)
-
-
-def _verify_written(writer: lut.TableWriter, inputs, cfg: ModelConfig, k: int, seed: int) -> dict:
+def _verify_written(writer: TableWriter, inputs, cfg: ModelConfig, k: int, seed: int) -> dict:
     """Recompute spot rows (first, last, k random) and compare them with what the table stores."""
     ids = _spot_ids(writer.V, k, seed)
     ref = np.asarray(jax.jit(lut_rows_fn(cfg))(inputs, jnp.asarray(ids, jnp.int32)))
-    got = lut.dequantize(writer.read_stored(ids), writer.layout.scheme)
+    got = schemes.dequantize(writer.read_stored(ids), writer.layout.scheme)
     report = compare_rows(ref, got, writer.layout.scheme, writer.layout.block)
     return {**report, "ids": ids.tolist()}
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from pydoc_data.topics import topics
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mole_jax.config import MoleError
 
@@ -53,8 +55,6 @@ def default_documents() -> list[str]:
     """The embedded default corpus: ~1.6 M characters of English documentation shipped with every Python
     installation: the language reference's topics (pydoc_data.topics) and the standard library's docstrings
     of 200+ characters (parsed with `ast`, never imported). Deterministic for a given Python version."""
-    from pydoc_data.topics import topics
-
     docs = [topics[k] for k in sorted(topics)]
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
@@ -139,8 +139,6 @@ def _pieces(docs: Iterable[str]) -> Iterator[tuple[str, bool]]:
 
 # Tokenizers ---------------------------------------------------------------------------------------------------
 def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise MoleError(f"tokenizer file {p} does not exist")
@@ -152,8 +150,6 @@ def load_tokenizer(path: str | Path):
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int):
     """A byte-level BPE (GPT-2/NeoX style: every byte is a token, so any text encodes) with "<|endoftext|>"."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         raise MoleError(f"a byte-level BPE needs vocab_size >= 257 (256 bytes + {EOS}), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -230,6 +226,17 @@ def _as_paths(data) -> list[Path]:
 def _is_saved_dataset(p: Path) -> bool:
     return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
                            or (p / "state.json").is_file())
+
+
+def recorded_source(desc: dict):
+    """The `data` argument of open_corpus that reopens a source described by `Corpus.description` (run.json)."""
+    return None if desc["kind"] == DEFAULT else desc["paths"][0] if desc["kind"] == "hf" else desc["paths"]
+
+
+def is_token_source(data) -> bool:
+    """Whether a `data` argument names a token file (.bin), which needs no tokenizer."""
+    items = [data] if isinstance(data, (str, os.PathLike)) else list(data or [])
+    return any(str(p).endswith(".bin") for p in items)
 
 
 def open_corpus(data=None, *, vocab_size: int, tokenizer=None) -> Corpus:
@@ -363,9 +370,4 @@ class Batches:
     def epoch(self, step: int) -> float:
         return step * self.batch_size / self.windows.size
 
-
-def describe(corpus: Corpus) -> str:
-    d = corpus.description
-    src = "the embedded default corpus" if d["kind"] == DEFAULT else ", ".join(d["paths"])
-    return f"{d['num_tokens']:,} tokens from {src}"
 

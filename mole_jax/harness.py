@@ -30,11 +30,15 @@ import sys
 from collections import deque
 from typing import Any, Iterable
 
+import jax
 import numpy as np
 from lm_eval.api.model import TemplateLM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from mole_jax.config import MoleError
+from mole_jax.data import EOS, check_tokenizer, load_tokenizer
+from mole_jax.decode import load
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +85,6 @@ class MoleJaxLM(TemplateLM):
                  tokenizer: str | None = None, batch_size: int | str | None = None, max_length: int | None = None,
                  seed: int = 0, max_batch_size: int | None = None, device: str | None = None):
         super().__init__()
-        from mole_jax.data import EOS, check_tokenizer, load_tokenizer
-        from mole_jax.decode import load
 
         if path is None:
             raise MoleError("model_args needs path=<checkpoint or run directory>")
@@ -183,8 +185,6 @@ class MoleJaxLM(TemplateLM):
         """The whole text's log-likelihood (perplexity tasks): lm-eval's disjoint rolling windows of max_length
         predicted tokens, the first conditioned on the end-of-text token, each later one on as much preceding text
         as fits. The windows of every request are scored together, in full batches."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
         texts = [req.args[0] for req in requests]
         windows, owner = [], []
         for i, text in enumerate(texts):
@@ -274,8 +274,6 @@ def _check_device(device: str | None) -> None:
     """lm-eval passes a torch device name (its CLI's default is cuda:0); JAX chooses its own device."""
     if device is None:
         return
-    import jax
-
     wanted = str(device).split(":")[0].lower()
     if {"cuda": "gpu", "rocm": "gpu"}.get(wanted, wanted) != jax.default_backend():
         log.info("lm-eval's device %r is not used: JAX runs on %s (choose with JAX_PLATFORMS)", device,
@@ -284,8 +282,7 @@ def _check_device(device: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI (`lm-eval run ...`, `lm-eval ls tasks`, ...) with the mole_jax model registered."""
-    import mole_jax  # noqa: F401  (registers the model; already imported when run as python -m mole_jax.harness)
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # lm-eval's registry, and "mole_jax" in it, are loaded by now
 
     sys.argv = ["python -m mole_jax.harness", *(sys.argv[1:] if argv is None else argv)]
     try:

@@ -16,18 +16,22 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-from mole_jax import checkpoint
+from mole_jax import checkpoint, lut_writer
 from mole_jax.config import ModelConfig, MoleError
 from mole_jax.model import Params, graphdef_and_shapes
+from mole_jax.schemes import FLOAT_SCHEMES
 
 ARCHITECTURES = {"DenseForCausalLM": "dense", "MoeForCausalLM": "moe", "MoleForCausalLM": "mole"}
 MOE_TABLE = "model.moe_table.weight"
 
 
 # Config ------------------------------------------------------------------------------------------------------
-def config_from_hf(hf: dict, *, moe_top_k: int | None = None, inference_form: bool = False) -> ModelConfig:
+def config_from_hf(hf: dict, *, moe_top_k: int | None = None) -> ModelConfig:
     archs = hf.get("architectures") or []
     kinds = {ARCHITECTURES[a] for a in archs if a in ARCHITECTURES}
     if len(kinds) != 1:
@@ -197,7 +201,6 @@ class TensorSource:
     def _handle(self, f: Path):
         if f not in self._open:
             if self.kind == "st":
-                from safetensors import SafetensorError, safe_open
                 try:
                     self._open[f] = safe_open(str(f), framework="numpy")
                 except (SafetensorError, OSError) as e:
@@ -223,7 +226,7 @@ class TensorSource:
         if self.kind == "st":
             return h.get_slice(name)[start:stop]
         t = h[name][start:stop]
-        return t.float().numpy().astype(_bf16()) if str(t.dtype) == "torch.bfloat16" else t.numpy()
+        return t.float().numpy().astype(ml_dtypes.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy()
 
 
 def _load_bin(f: Path) -> dict:
@@ -313,27 +316,22 @@ def _import_table(cfg: ModelConfig, tensors: TensorSource, lut_dir: Path) -> str
     """MoLE's inference form: stream `model.moe_table.weight` [V, L*N*d] (row-major [V, L, N, d]) into a table at
     lut_dir, shard by shard, keeping its dtype as the scheme. There are no experts to fingerprint, so the
     fingerprint is the table's content hash (lut.ContentHash); it is returned for the checkpoint's meta."""
-    from mole_jax import lut
-
     V, L, N, D = cfg.vocab_size, cfg.num_layers, cfg.num_experts, cfg.d_model
     shape = tensors.shape(MOE_TABLE)
     if shape != (V, L * N * D):
         raise MoleError(f"tensor {MOE_TABLE!r} has shape {shape}; the config needs {(V, L * N * D)}")
     dtype = tensors.get_rows(MOE_TABLE, 0, 1).dtype
-    scheme = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(dtype.name)
-    if scheme is None:
+    if dtype.name not in FLOAT_SCHEMES:
         raise MoleError(f"tensor {MOE_TABLE!r} has dtype {dtype}; expected float32, float16 or bfloat16")
-    return lut.write_table(lut_dir, cfg, scheme,
-                           lambda start, stop: tensors.get_rows(MOE_TABLE, start, stop).reshape(-1, L, N, D),
-                           source={"format": "hf", "tensor": MOE_TABLE, "path": str(tensors.src)})
+    return lut_writer.write_table(lut_dir, cfg, dtype.name,
+                                  lambda start, stop: tensors.get_rows(MOE_TABLE, start, stop).reshape(-1, L, N, D),
+                                  source={"format": "hf", "tensor": MOE_TABLE, "path": str(tensors.src)})
 
 
 def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write a checkpoint as the authors' format (config.json + model.safetensors) for their PyTorch code."""
-    from safetensors.numpy import save_file
-
     out = Path(out).expanduser().absolute()
-    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": _bf16()}.get(dtype)
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
         raise MoleError(f"unknown export dtype {dtype!r}: use float32, float16 or bfloat16")
     meta = checkpoint.read_meta(ckpt)
@@ -355,8 +353,3 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float32", over
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _bf16():
-    import ml_dtypes
-    return ml_dtypes.bfloat16

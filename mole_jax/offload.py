@@ -1,13 +1,15 @@
 """MoE with expert offloading: the baseline of the paper's Figure 3 (mole.md section 7).
 
-The routed experts live in host memory (numpy). Each step runs layer by layer: a jitted call computes the layer's
-attention and router; the host reads the router's choice (it must: the choice decides what to move), sends the
-chosen experts that are not already on the device (one device_put per layer), and a second jitted call runs them.
-The paper's cache policy: the experts a layer used in the previous step stay on the device; when a step used more
-than top_k of them (batch > 1), top_k of those chosen at random stay. Every byte sent is counted.
+The routed experts live in host memory (numpy). Each step runs layer by layer: a jitted call runs the block's front
+half (attention and the router's top-k choice, model.Block.front); the host reads the choice (it must: the choice
+decides what to move), sends the chosen experts that are not already on the device (one device_put per layer), and
+a second jitted call runs them. The paper's cache policy: the experts a layer used in the previous step stay on the
+device; when a step used more than top_k of them (batch > 1), top_k of those chosen at random stay. Every byte sent
+is counted.
 
-Same interface as decode.Decoder (prefill / begin / finish / h2d_bytes / device_param_bytes), so the generation loop
-and the benchmark treat it like any other model.
+This is the one loop over layers outside model.Transformer.layers, because the host must act between a layer's two
+halves; it calls the model's own pieces (embed, Block.front, head), so no part of the forward pass is restated.
+It satisfies decoder.StepDecoder, so the generation loop and the benchmark treat it like any other decoder.
 """
 
 from __future__ import annotations
@@ -20,41 +22,38 @@ import numpy as np
 from flax import nnx
 
 from mole_jax.config import ModelConfig
-from mole_jax.decode import DecodeState, Pending, Sampler, advance, logits_at, nbytes, positions, zeros_cache
-from mole_jax.layers import Attention, RMSNorm, gelu
-from mole_jax.model import Params
+from mole_jax.decoder import Pending
+from mole_jax.layers import gelu
+from mole_jax.model import Params, block_graphdef, empty_cache, graphdef_and_shapes, without_routed_experts
+from mole_jax.row_sources import Transfers, nbytes
+from mole_jax.sampling import DecodeState, Sampler, advance, positions
 
 
-def _front(attn_def, norm_def, top_k, p, h_BxTxD, pos_BxT, cache):
-    """A MoE layer up to its experts: attention, then the router's top-k choice and gates (Block._moe's math)."""
-    a, cache = nnx.merge(attn_def, p["attn"])(nnx.merge(norm_def, p["norm_in"])(h_BxTxD), pos_BxT, cache)
-    h_BxTxD = h_BxTxD + a
-    u_BxTxD = nnx.merge(norm_def, p["norm_post"])(h_BxTxD)
-    logits_BxTxN = (u_BxTxD @ p["w_router_DxN"].astype(u_BxTxD.dtype)).astype(jnp.float32)
-    top_BxTxK, expert_BxTxK = jax.lax.top_k(logits_BxTxN, top_k)
-    gates_BxTxK = jax.nn.softmax(top_BxTxK, axis=-1).astype(u_BxTxD.dtype)
-    return h_BxTxD, u_BxTxD, expert_BxTxK, gates_BxTxK, cache
+def _embed(graphdef, params, ids_BxT, start_B):
+    return nnx.merge(graphdef, params).embed(ids_BxT), positions(start_B, ids_BxT.shape[1])
 
 
-def _experts(h_BxTxD, u_BxTxD, expert_BxTxK, gates_BxTxK, resident_U, weights):
+def _front(block_def, block_params, h_BxTxD, pos_BxT, cache):
+    mid, cache = nnx.merge(block_def, block_params).front(h_BxTxD, pos_BxT, cache)
+    return mid.h_BxTxD, mid.u_BxTxD, mid.expert_MxK, mid.gates, cache
+
+
+def _experts(h_BxTxD, u_BxTxD, expert_MxK, gates_MxK, resident_U, weights):
     """h + the chosen experts' gated sum, with only U experts on the device: weights[j] = (w_up_DxF, w_down_FxD)
-    of expert resident_U[j]. Each runs on every token, gated by zero where it was not chosen (the resident MoE's
-    CPU path does the same with all N)."""
+    of expert resident_U[j]. Each runs on every token, gated by zero where it was not chosen."""
+    B, T, D = u_BxTxD.shape
     dt = u_BxTxD.dtype
-    out_BxTxD = jnp.zeros_like(h_BxTxD)
+    u_MxD = u_BxTxD.reshape(B * T, D)
+    out_MxD = jnp.zeros_like(u_MxD)
     for j, (w_up_DxF, w_down_FxD) in enumerate(weights):
-        g_BxT = jnp.sum(jnp.where(expert_BxTxK == resident_U[j], gates_BxTxK, 0), axis=-1)
-        y_BxTxD = gelu(u_BxTxD @ w_up_DxF.astype(dt)) @ w_down_FxD.astype(dt)
-        out_BxTxD = out_BxTxD + g_BxT[..., None] * y_BxTxD
-    return h_BxTxD + out_BxTxD
+        g_M = jnp.sum(jnp.where(expert_MxK == resident_U[j], gates_MxK, 0), axis=-1)
+        y_MxD = gelu(u_MxD @ w_up_DxF.astype(dt)) @ w_down_FxD.astype(dt)
+        out_MxD = out_MxD + g_M[:, None] * y_MxD
+    return h_BxTxD + out_MxD.reshape(B, T, D)
 
 
-def _embed(dtype, params, ids_BxT, start_B):
-    return params["embed_VxD"][ids_BxT].astype(dtype), positions(start_B, ids_BxT.shape[1])
-
-
-def _head(norm_def, greedy, params, h_BxTxD, last_B, cache, key, sampler, next_pos_B):
-    logits_BxV = logits_at(nnx.merge(norm_def, params["norm_out"]), params["unembed_DxV"], h_BxTxD, last_B)
+def _head(graphdef, greedy, params, h_BxTxD, last_B, cache, key, sampler, next_pos_B):
+    logits_BxV = nnx.merge(graphdef, params).head(h_BxTxD, last_B)
     return advance(logits_BxV, cache, key, None if greedy else sampler, next_pos_B)
 
 
@@ -65,48 +64,47 @@ class OffloadDecoder:
         if cfg.kind != "moe":
             raise ValueError("expert offloading is the MoE baseline: it needs a MoE config")
         self.config = cfg
-        self.h2d_bytes = 0
+        self.transfers = Transfers()
         self.experts_moved = 0  # expert transfers so far (one expert = its two matrices)
         blocks = params["blocks"]
         self.experts_host = [(np.asarray(blocks[l]["experts"]["w_up_NxDxF"]),
                               np.asarray(blocks[l]["experts"]["w_down_NxFxD"])) for l in range(cfg.num_layers)]
         self.expert_bytes = self.experts_host[0][0][0].nbytes + self.experts_host[0][1][0].nbytes
-        rest = {**params, "blocks": {l: {k: v for k, v in b.items() if k != "experts"} for l, b in blocks.items()}}
-        self.params = self.put(jax.tree.map(np.asarray, rest))
+        self.params = self.transfers.put(jax.tree.map(np.asarray, without_routed_experts(params)))
         self.resident: list[dict[int, tuple]] = [{} for _ in range(cfg.num_layers)]  # expert id -> device weights
         self._rng = np.random.default_rng(seed)
-        attn_def = nnx.split(nnx.eval_shape(lambda: Attention(cfg, nnx.Rngs(0))))[0]
-        norm_def = nnx.split(nnx.eval_shape(lambda: RMSNorm(cfg)))[0]
-        self._embed = jax.jit(partial(_embed, cfg.dtype))
-        self._front = jax.jit(partial(_front, attn_def, norm_def, cfg.top_k), donate_argnums=(3,))
+        graphdef, _ = graphdef_and_shapes(cfg, with_experts=False)
+        self._embed = jax.jit(partial(_embed, graphdef))
+        self._front = jax.jit(partial(_front, block_graphdef(cfg, with_experts=False)), donate_argnums=(3,))
         self._experts = jax.jit(_experts)  # traced once per number of experts needed in a layer (<= N)
-        self._head = jax.jit(partial(_head, norm_def), static_argnums=(0,), donate_argnums=(4,))
-        self._zeros = jax.jit(partial(zeros_cache, cfg), static_argnums=(0, 1))
+        self._head = jax.jit(partial(_head, graphdef), static_argnums=(0,), donate_argnums=(4,))
+        self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
         self._first_pos = jax.jit(lambda lengths_B: (jnp.zeros_like(lengths_B), lengths_B - 1))
         self._next_pos = jax.jit(lambda pos_B: (jnp.zeros_like(pos_B), pos_B + 1))
         self._key = jax.jit(jax.random.key)
+
+    @property
+    def h2d_bytes(self) -> int:
+        return self.transfers.bytes_sent
 
     @property
     def device_param_bytes(self) -> int:
         """Resident between steps: everything but the experts, plus the cached experts (top_k per layer)."""
         return nbytes(self.params) + self.config.num_layers * self.config.top_k * self.expert_bytes
 
-    def put(self, tree):
-        self.h2d_bytes += nbytes(tree)
-        return jax.device_put(tree)
-
     def _layers(self, h_BxTxD, pos_BxT, cache):
         new_cache = []
         for l in range(self.config.num_layers):
-            h_BxTxD, u, expert_BxTxK, gates, c = self._front(self.params["blocks"][l], h_BxTxD, pos_BxT, cache[l])
+            h_BxTxD, u, expert_MxK, gates, c = self._front(self.params["blocks"][l], h_BxTxD, pos_BxT, cache[l])
             new_cache.append(c)
-            needed = np.unique(jax.device_get(expert_BxTxK))  # the router decides what must move: a sync
+            needed = np.unique(jax.device_get(expert_MxK))  # the router decides what must move: a sync
             resident, (up_NxDxF, down_NxFxD) = self.resident[l], self.experts_host[l]
             missing = [int(e) for e in needed if int(e) not in resident]
-            needed_d, moved = self.put((needed.astype(np.int32), [(up_NxDxF[e], down_NxFxD[e]) for e in missing]))
+            needed_d, moved = self.transfers.put((needed.astype(np.int32),
+                                                  [(up_NxDxF[e], down_NxFxD[e]) for e in missing]))
             resident.update(zip(missing, moved))
             self.experts_moved += len(missing)
-            h_BxTxD = self._experts(h_BxTxD, u, expert_BxTxK, gates, needed_d,
+            h_BxTxD = self._experts(h_BxTxD, u, expert_MxK, gates, needed_d,
                                     tuple(resident[int(e)] for e in needed))
             keep = needed if len(needed) <= self.config.top_k else self._rng.choice(
                 needed, self.config.top_k, replace=False)
@@ -116,7 +114,7 @@ class OffloadDecoder:
     def prefill(self, ids_BxT, lengths_B, cache_len, seed, sampler: Sampler | None, greedy) -> DecodeState:
         B, _ = ids_BxT.shape
         cache = self._zeros(B, cache_len)
-        ids_d, lengths_d, seed_d = self.put((ids_BxT, lengths_B, np.int32(seed)))
+        ids_d, lengths_d, seed_d = self.transfers.put((ids_BxT, lengths_B, np.int32(seed)))
         start_B, last_B = self._first_pos(lengths_d)
         h, cache = self._layers(*self._embed(self.params, ids_d, start_B), cache)
         return self._head(greedy, self.params, h, last_B, cache, self._key(seed_d), sampler, lengths_d)

@@ -10,12 +10,15 @@ Rerunning with the same OUT resumes training and reuses a finished table.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from mole_jax import bench, checkpoint, lut
+from mole_jax import checkpoint, lut
+from mole_jax.bench.tools import write_json
 from mole_jax.config import MoleError, TrainConfig, get_preset
 from mole_jax.convert import convert_to_lut
 from mole_jax.decode import LanguageModel, load
@@ -87,7 +90,7 @@ def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", step
     timings = {name: _ms_per_step(m, prompt_ids, timing_steps) for name, m in rows.items()}
     device_bytes = {name: m.device_param_bytes for name, m in rows.items()}
     # What the training form would keep on the device: every parameter, the routed experts included.
-    device_bytes["mole-experts-on-device"] = sum(int(x.nbytes) for x in _leaves(trained))
+    device_bytes["mole-experts-on-device"] = sum(int(x.nbytes) for x in jax.tree.leaves(trained))
     inference_params = without_routed_experts(trained)
 
     report = {
@@ -96,22 +99,15 @@ def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", step
         "prompt": prompt, "generated": text,
         "lut_bytes_on_disk": table.nbytes, "lut_row_bytes": table.row_nbytes, "lut_scheme": table.scheme,
         "device_param_bytes": device_bytes, "ms_per_step": timings,
-        "inference_form_params": sum(int(np.size(x)) for x in _leaves(inference_params)),
+        "inference_form_params": sum(int(np.size(x)) for x in jax.tree.leaves(inference_params)),
     }
     _print_report(report, dense=dense_cfg is not None, placement=placement)
-    bench.write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     print(f"report written to {out / 'report.json'}")
     return report
 
 
-def _leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
-
-
 def _read_metrics(run_dir: Path) -> list[dict]:
-    import json
-
     path = run_dir / checkpoint.METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -58,14 +57,6 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, *, with_experts: bool = True) 
     return nnx.to_pure_dict(specs)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
-
-def tree_shardings_like(tree, mesh: Mesh) -> dict:
-    """Shardings for a tree that mirrors params leaf by leaf (e.g. optimizer moments): same rule by shape."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, spec_for(np.shape(x), (), mesh)), tree)

@@ -19,7 +19,7 @@ from flax import nnx
 
 import reference
 from conftest import prime_config, write_hf_checkpoint
-from mole_jax import checkpoint, cli, hf, lut
+from mole_jax import checkpoint, cli, hf, lut, lut_writer, schemes
 from mole_jax.config import MoleError
 from mole_jax.convert import convert_to_lut, verify_lut
 from mole_jax.model import graphdef_and_shapes, init_params, without_routed_experts
@@ -50,7 +50,7 @@ def _files(lut_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "lut.json"}
 
 
-@pytest.mark.parametrize("scheme", lut.SCHEMES)
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
 def test_table_equals_expert_outputs(run, tmp_path, scheme):
     out = convert_to_lut(run["ckpt"], tmp_path / "lut", scheme, shard_rows=16, progress=False)
     assert out == tmp_path / "lut"
@@ -66,9 +66,9 @@ def test_table_equals_expert_outputs(run, tmp_path, scheme):
         model = nnx.merge(graphdef_and_shapes(CFG)[0], run["params"])  # the training form's own experts
         np.testing.assert_allclose(rows, np.asarray(model.lut_rows(jnp.asarray(ids))), rtol=0, atol=1e-6 * scale)
     else:  # the scheme's rounding or quantisation bound around the exact value (+ float32 compute noise)
-        assert np.all(err <= lut.error_bound(ref[ids], scheme, table.block) + 1e-6 * scale), (err.max(), scheme)
+        assert np.all(err <= schemes.error_bound(ref[ids], scheme, table.block) + 1e-6 * scale), (err.max(), scheme)
     every = table.rows(np.arange(97))
-    assert np.all(np.abs(every - ref) <= lut.error_bound(ref, scheme, table.block) + 1e-6 * scale)
+    assert np.all(np.abs(every - ref) <= schemes.error_bound(ref, scheme, table.block) + 1e-6 * scale)
     assert table.meta["verification"]["ok"] and table.meta["source"]["step"] == 7
 
 
@@ -111,11 +111,11 @@ def test_one_device_equals_four_devices(run, tmp_path, scheme):
 # Interruption: a conversion in a subprocess kills itself (SIGKILL, with writes in flight) ----------------------
 KILLED = """
 import os, signal, sys
-from mole_jax import lut
+from mole_jax import lut_writer
 from mole_jax.convert import convert_to_lut
 
 ckpt, out, when = sys.argv[1], sys.argv[2], sys.argv[3]
-write_shard = lut.TableWriter.write_shard
+write_shard = lut_writer.TableWriter.write_shard
 
 def write_and_maybe_die(self, i, stored):
     futures = write_shard(self, i, stored)
@@ -127,9 +127,9 @@ def write_and_maybe_die(self, i, stored):
 def die(self, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)  # every shard written, verification done, not yet marked complete
 
-lut.TableWriter.write_shard = write_and_maybe_die
+lut_writer.TableWriter.write_shard = write_and_maybe_die
 if when == "complete":
-    lut.TableWriter.mark_complete = die
+    lut_writer.TableWriter.mark_complete = die
 convert_to_lut(ckpt, out, "nf4", shard_rows=8, batch_rows=2, progress=False)
 """
 
@@ -160,8 +160,8 @@ def test_kill_and_resume_is_bit_identical(run, tmp_path, monkeypatch):
         lut.open_lut(out)
 
     computed = []
-    write_shard = lut.TableWriter.write_shard
-    monkeypatch.setattr(lut.TableWriter, "write_shard",
+    write_shard = lut_writer.TableWriter.write_shard
+    monkeypatch.setattr(lut_writer.TableWriter, "write_shard",
                         lambda self, i, stored: computed.append(i) or write_shard(self, i, stored))
     convert_to_lut(run["ckpt"], out, "nf4", **kw)  # third time: nothing left but verifying and completing
     assert computed == []
@@ -177,14 +177,14 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax
 ckpt, out, port, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
-from mole_jax import lut
+from mole_jax import lut_writer
 from mole_jax.convert import convert_to_lut
 
-write_shard = lut.TableWriter.write_shard
+write_shard = lut_writer.TableWriter.write_shard
 def record(self, i, stored):
     print("shard", i, flush=True)
     return write_shard(self, i, stored)
-lut.TableWriter.write_shard = record
+lut_writer.TableWriter.write_shard = record
 convert_to_lut(ckpt, out, "float16", shard_rows=8, batch_rows=2, progress=False)
 """
 
@@ -304,7 +304,7 @@ def test_memory_kvstore_destination(run):
     assert convert_to_lut(run["ckpt"], url, "bfloat16", progress=False) == url
     table = lut.open_lut(url)
     ref = run["table"][[4, 90]]
-    assert np.all(np.abs(table.rows([4, 90]) - ref) <= lut.error_bound(ref, "bfloat16") + 1e-6 * np.abs(ref).max())
+    assert np.all(np.abs(table.rows([4, 90]) - ref) <= schemes.error_bound(ref, "bfloat16") + 1e-6 * np.abs(ref).max())
 
 
 # CLI -------------------------------------------------------------------------------------------------------------
@@ -359,4 +359,4 @@ def test_bench_convert_reports_what_the_issue_asks(tmp_path):
     assert [(r["vocab_size"], r["destination"]) for r in saved["runs"]] == [(256, "file"), (512, "file"),
                                                                             (512, "memory")]
     assert [r["batch"] for r in saved["row_reads"]] == [1, 8, 32]
-    assert [r["scheme"] for r in saved["schemes"]] == list(lut.SCHEMES)
+    assert [r["scheme"] for r in saved["schemes"]] == list(schemes.SCHEMES)

@@ -12,11 +12,12 @@ import pytest
 
 import reference
 from conftest import prime_config, write_hf_checkpoint
-from mole_jax import checkpoint, decode, hf, lut
+from mole_jax import checkpoint, decoder, hf, lut, row_sources
 from mole_jax.config import MoleError
 from mole_jax.convert import convert_to_lut
-from mole_jax.decode import LanguageModel, Sampler, load, sample
+from mole_jax.decode import LanguageModel, load
 from mole_jax.model import init_params
+from mole_jax.sampling import Sampler, sample
 
 PROMPTS = [[5, 17, 96, 0, 3, 3, 41], [88, 2], [60, 71, 9, 13, 13, 13, 2, 40, 1, 7, 77]]  # lengths 7, 2, 11
 NEW = 12
@@ -134,7 +135,7 @@ def test_inference_form_import_uses_its_table_and_matches_reference(tmp_path):
 
 
 # Must show: no retrace across steps, no implicit transfers ------------------------------------------------------
-STEP_FUNCTIONS = ("_prefill", "_step", "_prefill_pre", "_prefill_post", "_step_pre", "_step_post")
+STEP_FUNCTIONS = ("_prefill", "_step", "_front")
 
 
 @pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload"])
@@ -145,7 +146,7 @@ def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, varia
     baseline's per-layer functions are traced per number of experts moved; only its transfers are checked.)"""
     chex.clear_trace_counter()
     for name in STEP_FUNCTIONS:
-        monkeypatch.setattr(decode, name, chex.assert_max_traces(getattr(decode, name), n=2))
+        monkeypatch.setattr(decoder, name, chex.assert_max_traces(getattr(decoder, name), n=2))
     if variant.startswith("mole"):
         model = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
                      overlap=variant.endswith("-split"))
@@ -168,21 +169,21 @@ def test_host_placement_moves_one_staging_buffer_per_step(mole_run):
     table = lut.open_lut(lut_dir)
     model = load(run, lut=table, lut_placement="host")
     B = len(PROMPTS)
-    steps = model.decoder
+    transfers = model.decoder.transfers
 
     sizes = []
-    real_put = steps.put
+    real_put = transfers.put
 
     def counting_put(tree):
-        sizes.append(decode.nbytes(tree))
+        sizes.append(row_sources.nbytes(tree))
         return real_put(tree)
 
-    steps.put = counting_put
+    transfers.put = counting_put
     model.generate(PROMPTS, NEW)
     # prefill: ids/lengths/seed, then one batched read of the distinct prompt ids (padded to a power of two);
     # then exactly one put per decode step: B rows (distinct ids first, a fixed shape) and their inverse map
     distinct = len(set(sum(PROMPTS, [])))
-    assert sizes[1] == decode._next_pow2(distinct) * table.row_nbytes + 4 * B * 16  # T bucket 16
+    assert sizes[1] == row_sources.next_pow2(distinct) * table.row_nbytes + 4 * B * 16  # T bucket 16
     assert sizes[2:] == [B * table.row_nbytes + 4 * B] * (NEW - 1)
 
 

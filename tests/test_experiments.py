@@ -3,23 +3,18 @@ their sharing of training runs, their bad-input handling, and prepare_data.py's 
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-import compression  # noqa: E402
-import dedup  # noqa: E402
-import experts  # noqa: E402
-import latency  # noqa: E402
-import prepare_data  # noqa: E402
-import quality  # noqa: E402
-
-from mole_jax import data  # noqa: E402
+import compression  # the experiment scripts: experiments/ is on pytest's pythonpath (pytest.ini)
+import dedup
+import experts
+import latency
+import prepare_data
+import quality
+from mole_jax import data
 
 
 @pytest.fixture(scope="module")

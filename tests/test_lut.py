@@ -13,7 +13,7 @@ from flax import nnx
 
 import reference
 from conftest import prime_config, write_hf_checkpoint
-from mole_jax import checkpoint, hf, lut
+from mole_jax import checkpoint, hf, lut, lut_writer, schemes
 from mole_jax.config import MoleError, get_preset
 from mole_jax.model import graphdef_and_shapes
 
@@ -34,28 +34,28 @@ def _rows(shape, seed=0):
 
 
 def test_nf_codebooks():
-    np.testing.assert_allclose(lut.NF_CODEBOOK["nf4"], QLORA_NF4, rtol=0, atol=1e-6)
-    nf3 = lut.NF_CODEBOOK["nf3"]
+    np.testing.assert_allclose(schemes.NF_CODEBOOK["nf4"], QLORA_NF4, rtol=0, atol=1e-6)
+    nf3 = schemes.NF_CODEBOOK["nf3"]
     assert nf3.shape == (8,) and nf3[0] == -1.0 and nf3[-1] == 1.0 and 0.0 in nf3
     assert np.all(np.diff(nf3) > 0)
     assert (nf3 > 0).sum() == 4 and (nf3 < 0).sum() == 3  # 2^(b-1) positive, 2^(b-1) - 1 negative, and zero
     # the documented bounds: half the widest gap
-    assert abs(lut.NF_HALF_GAP["nf4"] - 0.152) < 1e-3 and abs(lut.NF_HALF_GAP["nf3"] - 0.2325) < 1e-3
+    assert abs(schemes.NF_HALF_GAP["nf4"] - 0.152) < 1e-3 and abs(schemes.NF_HALF_GAP["nf3"] - 0.2325) < 1e-3
 
 
-@pytest.mark.parametrize("scheme", lut.SCHEMES)
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
 def test_quantisation_within_documented_bound(scheme):
     D = 40  # a multiple of 8, so nf3 applies; prime elsewhere
     x = _rows((13, 3, 5, D))
-    block = lut.default_block(scheme, D)
-    stored = lut.quantize(x, scheme, block)
-    layout = lut.Layout(scheme, 3, 5, D, block)
+    block = schemes.default_block(scheme, D)
+    stored = schemes.quantize(x, scheme, block)
+    layout = schemes.Layout(scheme, 3, 5, D, block)
     for name, (shape, dt) in layout.arrays.items():
         assert stored[name].shape == (13, *shape) and stored[name].dtype == dt, name
-    got = lut.dequantize(stored, scheme)
+    got = schemes.dequantize(stored, scheme)
     assert got.dtype == np.float32 and got.shape == x.shape and np.all(np.isfinite(got))
     err = np.abs(got.astype(np.float64) - x)
-    bound = lut.error_bound(x, scheme, block)
+    bound = schemes.error_bound(x, scheme, block)
     assert np.all(err <= bound), np.max(err - bound)
     if scheme == "float32":
         np.testing.assert_array_equal(got, x)
@@ -64,43 +64,43 @@ def test_quantisation_within_documented_bound(scheme):
     assert np.all(got[0, 0, 0] == 0.0)
 
 
-@pytest.mark.parametrize("scheme", lut.SCHEMES)
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
 def test_quantisation_on_device_gives_the_same_bits(scheme):
     """Conversion quantises on the accelerator and decoding dequantises there: both must equal numpy exactly."""
     x = _rows((7, 2, 3, 24), seed=1)
-    block = lut.default_block(scheme, 24)
-    host = lut.quantize(x, scheme, block)
-    dev = jax.jit(lambda x: lut.quantize(x, scheme, block, xp=jnp))(x)
+    block = schemes.default_block(scheme, 24)
+    host = schemes.quantize(x, scheme, block)
+    dev = jax.jit(lambda x: schemes.quantize(x, scheme, block, xp=jnp))(x)
     for name in host:
         np.testing.assert_array_equal(np.asarray(dev[name]).view(np.uint8), host[name].view(np.uint8), name)
-    deq = jax.jit(lambda s: lut.dequantize(s, scheme, xp=jnp))(host)
-    np.testing.assert_array_equal(np.asarray(deq), lut.dequantize(host, scheme))
+    deq = jax.jit(lambda s: schemes.dequantize(s, scheme, xp=jnp))(host)
+    np.testing.assert_array_equal(np.asarray(deq), schemes.dequantize(host, scheme))
 
 
 def test_packing_round_trips_every_code():
-    for scheme, bits in lut.NF_BITS.items():
+    for scheme, bits in schemes.NF_BITS.items():
         codes = np.random.default_rng(0).integers(0, 2 ** bits, (3, 5, 48)).astype(np.uint8)
-        packed = lut._pack(codes, bits, np)
+        packed = schemes._pack(codes, bits, np)
         assert packed.shape == (3, 5, 48 * bits // 8)
-        np.testing.assert_array_equal(lut._unpack(packed, bits, np), codes)
+        np.testing.assert_array_equal(schemes._unpack(packed, bits, np), codes)
 
 
 def test_bytes_match_the_paper():
     """Paper Table 8 (160M-4E): NF4 (block 768) keeps 25.3% of the fp16 bytes, NF3 (block 128) 19.5%."""
     cfg = get_preset("mole-4e-160m")
-    fp16 = lut.make_layout("float16", cfg).row_nbytes
+    fp16 = schemes.make_layout("float16", cfg).row_nbytes
     assert fp16 == 36864 * 2  # 72 KiB per token
-    ratios = {s: lut.make_layout(s, cfg).row_nbytes / fp16 for s in ("int8", "nf4", "nf3")}
-    assert lut.make_layout("nf4", cfg).block == 768 and lut.make_layout("nf3", cfg).block == 128
+    ratios = {s: schemes.make_layout(s, cfg).row_nbytes / fp16 for s in ("int8", "nf4", "nf3")}
+    assert schemes.make_layout("nf4", cfg).block == 768 and schemes.make_layout("nf3", cfg).block == 128
     assert round(ratios["nf4"] * 100, 1) == 25.3 and round(ratios["nf3"] * 100, 1) == 19.5
     assert round(ratios["int8"] * 100, 1) == 50.3
     # other widths: the largest divisor of d not above the paper's block that fills whole bytes
-    assert lut.default_block("nf4", 1024) == 512 and lut.default_block("nf3", 1024) == 128
-    assert lut.default_block("nf4", 22) == 22 and lut.default_block("nf3", 40) == 40
+    assert schemes.default_block("nf4", 1024) == 512 and schemes.default_block("nf3", 1024) == 128
+    assert schemes.default_block("nf4", 22) == 22 and schemes.default_block("nf3", 40) == 40
     with pytest.raises(MoleError, match="divisible by 8"):
-        lut.default_block("nf3", 22)
+        schemes.default_block("nf3", 22)
     with pytest.raises(MoleError, match="must divide d_model"):
-        lut.make_layout("nf4", prime_config("mole"), block=4)
+        schemes.make_layout("nf4", prime_config("mole"), block=4)
 
 
 # A table written from host rows ------------------------------------------------------------------------------
@@ -114,29 +114,29 @@ def _source(start, stop):
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
     root = tmp_path_factory.mktemp("tables")
-    for scheme in lut.SCHEMES:
-        lut.write_table(root / scheme, CFG, scheme, _source, fingerprint="f" * 64, shard_rows=10)
+    for scheme in schemes.SCHEMES:
+        lut_writer.write_table(root / scheme, CFG, scheme, _source, fingerprint="f" * 64, shard_rows=10)
     return root
 
 
-@pytest.mark.parametrize("scheme", lut.SCHEMES)
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
 def test_rows_any_order_with_duplicates(tables, scheme):
     table = lut.open_lut(tables / scheme)
-    assert table.shape == (97, 3, 5, 24) and table.dtype == scheme and table.scheme == scheme
+    assert table.shape == (97, 3, 5, 24) and table.scheme == scheme
     assert table.config == CFG and table.fingerprint == "f" * 64
-    layout = lut.make_layout(scheme, CFG)
+    layout = schemes.make_layout(scheme, CFG)
     assert table.row_nbytes == layout.row_nbytes and table.nbytes == 97 * layout.row_nbytes
     ids = [96, 3, 3, 0, 41, 3, 95]
     source = _source(0, 97)
-    want_stored = lut.quantize(source[ids], scheme, layout.block)
+    want_stored = schemes.quantize(source[ids], scheme, layout.block)
     stored = table.read_stored(ids)
     assert set(stored) == set(layout.arrays)
     for name in stored:
         np.testing.assert_array_equal(stored[name].view(np.uint8), want_stored[name].view(np.uint8))
     rows = table.rows(ids)
     assert rows.dtype == np.float32 and rows.shape == (7, 3, 5, 24)
-    np.testing.assert_array_equal(rows, lut.dequantize(stored, scheme))
-    assert np.all(np.abs(rows - source[ids]) <= lut.error_bound(source[ids], scheme, layout.block))
+    np.testing.assert_array_equal(rows, schemes.dequantize(stored, scheme))
+    assert np.all(np.abs(rows - source[ids]) <= schemes.error_bound(source[ids], scheme, layout.block))
     whole = table.read_all_stored()
     for name in whole:
         np.testing.assert_array_equal(whole[name][ids].view(np.uint8), stored[name].view(np.uint8))
@@ -187,14 +187,15 @@ def test_open_refuses_what_is_not_a_usable_table(tables, tmp_path):
 
 def test_memory_kvstore_and_url_locations():
     url = f"memory://{uuid.uuid4().hex}/table/"  # the memory kvstore lives as long as the process
-    lut.write_table(url, CFG, "nf4", _source, fingerprint="a" * 64, shard_rows=32)
+    lut_writer.write_table(url, CFG, "nf4", _source, fingerprint="a" * 64, shard_rows=32)
     table = lut.open_lut(url)
     assert table.path == url and table.scheme == "nf4"
-    np.testing.assert_array_equal(table.rows([5, 6]), lut.dequantize(lut.quantize(_source(5, 7), "nf4", 24), "nf4"))
+    np.testing.assert_array_equal(table.rows([5, 6]),
+                                  schemes.dequantize(schemes.quantize(_source(5, 7), "nf4", 24), "nf4"))
     with pytest.raises(MoleError, match="not a mole-jax lookup table"):
         lut.open_lut(url.replace("/table/", "/other/"))
     with pytest.raises(MoleError, match="already holds a complete table"):  # the same store as a JSON spec
-        lut.write_table({"driver": "memory", "path": url[len("memory://"):].rstrip("/")}, CFG, "nf4", _source,
+        lut_writer.write_table({"driver": "memory", "path": url[len("memory://"):].rstrip("/")}, CFG, "nf4", _source,
                         fingerprint="b" * 64)
 
 
@@ -238,7 +239,7 @@ def test_import_inference_form_table(tmp_path, dtype):
     np.testing.assert_array_equal(payload.reshape(97, -1).view(np.uint8), source.view(np.uint8))
     ids = IDS.reshape(-1)
     np.testing.assert_array_equal(table.rows(ids), source[ids].astype(np.float32).reshape(-1, 3, 5, 22))
-    layout = lut.make_layout(table.scheme, cfg)
+    layout = schemes.make_layout(table.scheme, cfg)
     assert meta["lut_fingerprint"] == lut.table_fingerprint({"payload": source.reshape(97, 3, 5, 22)}, layout)
 
     # the inference-form model fed with the table's rows gives the reference's logits

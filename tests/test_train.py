@@ -20,6 +20,8 @@ from conftest import prime_config
 from mole_jax import checkpoint, data, sharding, train
 from mole_jax.config import MoleError, TrainConfig, get_preset
 from mole_jax.model import graphdef_and_shapes, init_params
+from mole_jax.train_step import (TrainState, loss_fn, lr_schedule, make_grad_fn, make_optimizer, make_train_step,
+                                 train_flops_per_token)
 
 # 10 steps of tiny-mole on 16 x 64 tokens: MoLE with dedup is the path with the most machinery.
 TC = TrainConfig(steps=10, batch_size=16, seq_len=64, peak_lr=3e-3, warmup_frac=0.1, checkpoint_every=5,
@@ -102,7 +104,7 @@ def dedup_case():
     cfg = prime_config("mole", num_layers=2)
     params = init_params(cfg, seed=1)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 17, (8, 12)), jnp.int32)
-    return cfg, params, tokens, jax.jit(train.make_grad_fn(cfg))(params, tokens)
+    return cfg, params, tokens, jax.jit(make_grad_fn(cfg))(params, tokens)
 
 
 @pytest.mark.parametrize("devices,capacity", [(1, 17), (4, 17), (1, 3), (4, 3)])
@@ -111,7 +113,7 @@ def test_dedup_equals_plain_loss_and_grads(dedup_case, devices, capacity):
     holds every distinct id; capacity 3 forces the exact per-token fallback."""
     cfg, params, tokens, ((l0, _), g0) = dedup_case
     mesh = sharding.make_mesh(devices)
-    (l1, m1), g1 = jax.jit(train.make_grad_fn(cfg, dedup_rows=capacity, mesh=mesh))(params, tokens)
+    (l1, m1), g1 = jax.jit(make_grad_fn(cfg, dedup_rows=capacity, mesh=mesh))(params, tokens)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     assert float(m1["dedup_overflow"]) == (0.0 if capacity == 17 else 1.0)
     shares = np.asarray(tokens[:, :-1]).reshape(devices, -1)
@@ -125,11 +127,11 @@ def test_dedup_equals_plain_loss_and_grads(dedup_case, devices, capacity):
 def test_grad_accumulation_equals_one_batch():
     cfg = prime_config("mole", num_layers=1)
     tc = TrainConfig(steps=5, batch_size=8, seq_len=11)
-    tx = train.make_optimizer(tc)
+    tx = make_optimizer(tc)
     params = init_params(cfg)
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (8, 12)), jnp.int32)
-    out = {accum: jax.device_get(jax.jit(train.make_train_step(cfg, tc, tx))(state, tokens.reshape(accum, -1, 12))[1])
+    out = {accum: jax.device_get(jax.jit(make_train_step(cfg, tc, tx))(state, tokens.reshape(accum, -1, 12))[1])
            for accum in (1, 4)}
     for k in ("loss", "grad_norm", "lr"):
         np.testing.assert_allclose(out[4][k], out[1][k], rtol=1e-5, err_msg=k)
@@ -141,7 +143,7 @@ def test_moe_objective_adds_aux_losses_mole_adds_none(kind):
     graphdef, _ = graphdef_and_shapes(cfg)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     params = init_params(cfg)
-    objective, m = jax.jit(lambda p, t: train.loss_fn(p, graphdef, cfg, t))(params, tokens)
+    objective, m = jax.jit(lambda p, t: loss_fn(p, graphdef, cfg, t))(params, tokens)
     logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits_BxTxV)(params, tokens[:, :-1])
     ce = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(tokens[:, 1:, None]), -1))
     np.testing.assert_allclose(m["loss"], ce, rtol=1e-6)
@@ -152,12 +154,12 @@ def test_moe_objective_adds_aux_losses_mole_adds_none(kind):
 
 def test_optimizer_recipe():
     tc = TrainConfig(steps=1000, peak_lr=6e-4)
-    lr = train.lr_schedule(tc)
+    lr = lr_schedule(tc)
     np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(505), lr(1000)],
                                [6e-5, 6e-4, 6e-4, 3.3e-4, 6e-5], rtol=1e-4)  # warmup 10, cosine to 0.1x
     cfg = prime_config("mole")
     params = init_params(cfg)
-    tx = train.make_optimizer(tc)
+    tx = make_optimizer(tc)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     # decoupled weight decay 0.1 at lr(0) on matrices; RMSNorm scales are not decayed
@@ -168,9 +170,9 @@ def test_optimizer_recipe():
 
 def test_flops_count_matches_paper_sized_ratio():
     dense, mole = get_preset("small-dense"), get_preset("small-mole")
-    fd, fm = train.train_flops_per_token(dense, 256), train.train_flops_per_token(mole, 256)
+    fd, fm = train_flops_per_token(dense, 256), train_flops_per_token(mole, 256)
     assert 2.2 < fm / fd < 2.6  # "without dedup about 2.5x at the small presets"
-    assert fd < train.train_flops_per_token(mole, 256, expert_rows_per_token=0.1) < 1.3 * fd
+    assert fd < train_flops_per_token(mole, 256, expert_rows_per_token=0.1) < 1.3 * fd
     n = dense.param_counts()["total"] - dense.vocab_size * dense.d_model  # matmul params (no embedding gather)
     assert abs(fd - (6 * n + 3 * 4 * 256 * dense.d_model * dense.num_layers)) / fd < 0.01  # 6N + attention
 

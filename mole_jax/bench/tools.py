@@ -1,0 +1,76 @@
+"""Measuring tools shared by the benchmarks: timing, the machine's matmul peak, peak memory, the machine's
+description, and the printed table and JSON file every benchmark ends with."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10) -> list[float]:
+    """Seconds per call of `fn` (which must return JAX values; we block on them), after `warmup` calls."""
+    for _ in range(warmup):
+        block(fn())
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        block(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def matmul_peak_flops(dtype: str = "float32", n: int | None = None, iters: int = 10) -> float:
+    """The machine's attainable matmul rate: FLOP/s of a jitted square [n, n] @ [n, n] (median of `iters`).
+    The floor that training and conversion throughput are compared against, measured in the same run."""
+    if n is None:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda a, b: a @ b)
+    secs = median(time_calls(lambda: mm(a, b), warmup=2, iters=iters))
+    return 2 * n ** 3 / secs
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+            "device_count": jax.device_count(), "jax": jax.__version__}
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str], file=sys.stdout) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)), file=file)
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
+
+
+def write_json(path: str | Path | None, payload: Any) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")

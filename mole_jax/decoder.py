@@ -1,0 +1,195 @@
+"""The decoding loop: a batched prefill of the right-padded prompts, then one token per sequence per step from a
+preallocated KV cache, each sequence at its own position (a padded prompt's stale cache entries stay masked until
+they are overwritten).
+
+Every jitted entry point is traced once per (batch, cache length) bucket, takes only device arrays, donates the
+cache and is called with keyword arguments. All host -> device traffic is an explicit, counted `device_put`.
+With a table at the host or storage placement, a step needs the rows of its tokens, which the host can fetch only
+once it has read those tokens. With `overlap` (the default on accelerators) a step is then two jitted calls: block
+0's front half (attention, shared FFN, router), which needs no rows, is dispatched first from the ids still on the
+device; the host then reads the ids, fetches their rows while the device works, and dispatches the rest
+(`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one call could not
+overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched before the
+host reads step t's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mole_jax.config import ModelConfig, MoleError
+from mole_jax.layers import KVCache
+from mole_jax.model import Mid, Params, empty_cache, graphdef_and_shapes
+from mole_jax.row_sources import DeviceTable, TableRows, Transfers, nbytes, next_pow2, row_source
+from mole_jax.sampling import DecodeState, Sampler, advance, positions
+
+
+class Pending(NamedTuple):
+    """A step between `begin` and `finish`."""
+
+    state: DecodeState
+    mid: Mid | None = None  # split steps: block 0's front half
+    cache0: KVCache | None = None  # and block 0's updated cache
+
+
+class StepDecoder(Protocol):
+    """What the generation loop and the benchmarks need of a decoder (Decoder, offload.OffloadDecoder).
+    Use: state = prefill(...); then per step: pending = begin(state); ids = device_get(state.ids_Bx1);
+    state = finish(pending, ids). `begin` dispatches whatever needs no host-side ids, so reading the ids on the
+    host overlaps with the device's work."""
+
+    params: Params
+    h2d_bytes: int
+    device_param_bytes: int
+
+    def prefill(self, ids_BxT: np.ndarray, lengths_B: np.ndarray, cache_len: int, seed: int,
+                sampler: Sampler | None, greedy: bool) -> DecodeState: ...
+
+    def begin(self, state: DecodeState, sampler: Sampler | None, greedy: bool) -> Pending: ...
+
+    def finish(self, pending: Pending, ids_B: np.ndarray, sampler: Sampler | None, greedy: bool) -> DecodeState: ...
+
+
+# Jitted entry points: thin, separate functions, so that each is traced (and counted by the tests) on its own.
+def _prefill(graphdef, *, greedy, params, cache, ids_BxT, lengths_B, seed, sampler, rows, mid=None):
+    B, T = ids_BxT.shape
+    logits_BxV, cache, _ = nnx.merge(graphdef, params).forward(
+        ids_BxT, positions(jnp.zeros((B,), jnp.int32), T), caches=cache, rows=rows, last_B=lengths_B - 1, resume=mid)
+    return advance(logits_BxV, cache, jax.random.key(seed), None if greedy else sampler, lengths_B)
+
+
+def _step(graphdef, *, greedy, params, cache, ids_Bx1, pos_B, key, sampler, rows, mid=None):
+    logits_BxV, cache, _ = nnx.merge(graphdef, params).forward(
+        ids_Bx1, positions(pos_B, 1), caches=cache, rows=rows, last_B=jnp.zeros_like(pos_B), resume=mid)
+    return advance(logits_BxV, cache, key, None if greedy else sampler, pos_B + 1)
+
+
+def _front(graphdef, *, params, cache0, ids_BxT, start_B=None):
+    """Block 0's front half: what a split step computes before its rows are on the device. start_B: the tokens'
+    first positions (None: 0, the prefill)."""
+    model = nnx.merge(graphdef, params)
+    B, T = ids_BxT.shape
+    start_B = jnp.zeros((B,), jnp.int32) if start_B is None else start_B
+    return model.blocks[0].front(model.embed(ids_BxT), positions(start_B, T), cache0)
+
+
+class Decoder:
+    """Prefill and decode steps of one model on the default device (see the module docstring).
+
+    table: MoLE's lookup table (inference form) or None (Dense, MoE, MoLE training form: everything in-model).
+    overlap: for the host and storage placements, split each step in two jitted calls so that the row fetch runs
+        while the device computes block 0's front half. Default: on accelerators. On the CPU backend the "device"
+        is the host's own cores, so there is nothing idle to overlap with, and each call pays for fresh pages of
+        its large temporaries (XLA's CPU allocator), which a second call doubles.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
+                 overlap: bool | None = None):
+        self.config, self.table, self.placement = cfg, table, placement
+        self.transfers = Transfers()
+        self.params = self.transfers.put(params) if _on_host(params) else params
+        self.rows = None if table is None else row_source(table, placement, self.transfers)
+        self.fetching = table is not None and placement != "device"
+        self.split = self.fetching and (jax.default_backend() != "cpu" if overlap is None else overlap)
+        graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
+        jit = partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
+        self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
+        self._prefill = jit(partial(_prefill, graphdef))
+        self._step = jit(partial(_step, graphdef))
+        self._front = jax.jit(partial(_front, graphdef), donate_argnames=("cache0",))
+
+    @property
+    def h2d_bytes(self) -> int:
+        return self.transfers.bytes_sent
+
+    @property
+    def device_param_bytes(self) -> int:
+        """What stays resident on the accelerator: the parameters, and the table when it lives there."""
+        table = self.rows.stored if isinstance(self.rows, DeviceTable) else None
+        return nbytes(self.params) + (nbytes(table) if table is not None else 0)
+
+    def device_rows(self, ids_BxT: jax.Array) -> TableRows | None:
+        """The rows a step reads when nothing needs fetching: the resident table's, or none (no table)."""
+        return self.rows.rows(ids_BxT) if isinstance(self.rows, DeviceTable) else None
+
+    def prefill(self, ids_BxT: np.ndarray, lengths_B: np.ndarray, cache_len: int, seed: int,
+                sampler: Sampler | None, greedy: bool) -> DecodeState:
+        B = ids_BxT.shape[0]
+        cache = self._zeros(B, cache_len)
+        ids_d, lengths_d, seed_d = self.transfers.put((ids_BxT, lengths_B, np.int32(seed)))
+        args = dict(greedy=greedy, params=self.params, lengths_B=lengths_d, seed=seed_d, sampler=sampler)
+        if not self.fetching:
+            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.device_rows(ids_d))
+        num_rows = next_pow2(len(np.unique(ids_BxT)))  # one batched read of the prompts' distinct ids
+        if not self.split:
+            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.rows.fetch(ids_BxT, num_rows))
+        mid, cache0 = self._front(params=self.params, cache0=cache[0], ids_BxT=ids_d)
+        state = self._prefill(**args, cache=cache[1:], ids_BxT=ids_d, rows=self.rows.fetch(ids_BxT, num_rows),
+                              mid=mid)
+        return state._replace(cache=[cache0, *state.cache])  # block 0's cache never passes through the second call
+
+    def begin(self, state: DecodeState, sampler: Sampler | None, greedy: bool) -> Pending:
+        if not self.fetching:
+            return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
+                                      pos_B=state.pos_B, key=state.key, sampler=sampler,
+                                      rows=self.device_rows(state.ids_Bx1)))
+        if not self.split:
+            return Pending(state)  # everything waits for the rows
+        mid, cache0 = self._front(params=self.params, cache0=state.cache[0], ids_BxT=state.ids_Bx1,
+                                  start_B=state.pos_B)
+        return Pending(state, mid, cache0)
+
+    def finish(self, pending: Pending, ids_B: np.ndarray, sampler: Sampler | None, greedy: bool) -> DecodeState:
+        if not self.fetching:
+            return pending.state
+        state = pending.state
+        rows = self.rows.fetch(ids_B[:, None], len(ids_B))  # a fixed shape: no retrace as the distinct ids vary
+        args = dict(greedy=greedy, params=self.params, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B, key=state.key,
+                    sampler=sampler, rows=rows)
+        if not self.split:
+            return self._step(**args, cache=state.cache)
+        new = self._step(**args, cache=state.cache[1:], mid=pending.mid)
+        return new._replace(cache=[pending.cache0, *new.cache])
+
+
+def decode_loop(decoder: StepDecoder, state: DecodeState, num_tokens: int, sampler: Sampler | None,
+                greedy: bool) -> Iterator[tuple[np.ndarray, jax.Array]]:
+    """From a state whose ids are the first new tokens: yield `num_tokens` tokens per sequence (host numpy [B])
+    with the logits each came from (on the device). The next step is dispatched before the host reads the ids."""
+    for i in range(num_tokens):
+        pending = decoder.begin(state, sampler, greedy) if i + 1 < num_tokens else None
+        ids_B = jax.device_get(state.ids_Bx1)[:, 0]  # one sync per step; the device is already busy
+        yield ids_B, state.logits_BxV
+        if pending is None:
+            return
+        state = decoder.finish(pending, ids_B, sampler, greedy)
+
+
+def _random_state(cfg: ModelConfig, batch: int, filled: int, cache_len: int, key) -> DecodeState:
+    k_ids, k_cache, key = jax.random.split(key, 3)
+    shape = (batch, cfg.num_heads, cache_len, cfg.head_dim)
+    cache = [KVCache(*(jax.random.normal(k, shape, cfg.dtype) for k in jax.random.split(kl)))
+             for kl in jax.random.split(k_cache, cfg.num_layers)]
+    ids_Bx1 = jax.random.randint(k_ids, (batch, 1), 0, cfg.vocab_size, jnp.int32)
+    return DecodeState(ids_Bx1, jnp.full((batch,), filled, jnp.int32), cache, key,
+                       jnp.zeros((batch, cfg.vocab_size), jnp.float32))
+
+
+def random_state(cfg: ModelConfig, batch: int, filled: int, cache_len: int, seed: int = 0) -> DecodeState:
+    """A decode state as if `filled` prompt positions had been prefilled, with random keys and values and random
+    next ids: for timing decode steps without paying a long prefill (a step's cost does not depend on the
+    values)."""
+    if not filled < cache_len <= cfg.max_seq_len:
+        raise MoleError(f"need filled < cache_len <= max_seq_len, got {filled}, {cache_len}, {cfg.max_seq_len}")
+    return jax.jit(partial(_random_state, cfg, batch, filled, cache_len))(jax.random.key(seed))
+
+
+def _on_host(tree) -> bool:
+    return any(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree))
