@@ -1,9 +1,34 @@
-"""Shared fixtures. Four fake CPU devices so that sharding tests run anywhere (set before JAX starts)."""
+"""Shared fixtures, and the environment every test process and every subprocess it starts inherits (set before
+JAX starts):
+- four fake CPU devices, so that sharding tests run anywhere;
+- XLA's CPU backend at optimisation level 0: test shapes are tiny, so compiling dominates and running does not
+  (the same HLO, less LLVM work per kernel);
+- one persistent compilation cache for the session, shared by the pytest-xdist workers and the CLIs, notebooks
+  and scripts the tests run, so the same program is compiled once. It lives in a temporary directory that the
+  process that made it removes at exit.
+"""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test subprocess with `devices` fake CPU devices. Programs compiled with the same flags give
+    the same bits, which the bit-exact comparisons between processes rely on."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mole-jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

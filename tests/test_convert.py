@@ -18,7 +18,7 @@ import tensorstore as ts
 from flax import nnx
 
 import reference
-from conftest import prime_config, write_hf_checkpoint
+from conftest import prime_config, write_hf_checkpoint, xla_flags
 from mole_jax import checkpoint, cli, hf, lut, lut_writer, schemes
 from mole_jax.config import MoleError
 from mole_jax.convert import convert_to_lut, verify_lut
@@ -172,8 +172,7 @@ def test_kill_and_resume_is_bit_identical(run, tmp_path, monkeypatch):
 
 # Scale-out: two JAX processes (jax.distributed on localhost) split the shards ----------------------------------
 DISTRIBUTED = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import sys
 import jax
 ckpt, out, port, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
@@ -194,7 +193,7 @@ def test_two_processes_write_their_own_shards(run, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
     procs = [subprocess.Popen([sys.executable, "-c", DISTRIBUTED, str(run["ckpt"]), str(tmp_path / "multi"),
                                str(port), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT, env=env) for i in range(2)]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -34,8 +36,8 @@ def _run(name: str, workdir: Path, **env_changes) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nb.cells.insert(0, nbformat.v4.new_code_cell(NO_NETWORK))
     # one CPU device as a user would have (conftest fakes four for the sharding tests), offline
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(workdir),
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(workdir),
                MPLBACKEND="module://matplotlib_inline.backend_inline", **env_changes)
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})

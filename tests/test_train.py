@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import prime_config
+from conftest import prime_config, xla_flags
 from mole_jax import checkpoint, data, sharding, train
 from mole_jax.config import MoleError, TrainConfig, get_preset
 from mole_jax.model import graphdef_and_shapes, init_params
@@ -260,7 +260,7 @@ def test_two_processes_equal_one(tmp_path, text_data, runs):
             "--log-every", "1", "--no-progress"]
     procs = []
     for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+        env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
