@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import os
 import sysconfig
@@ -51,10 +52,12 @@ class Corpus:
 
 
 # Text sources -------------------------------------------------------------------------------------------------
-def default_documents() -> list[str]:
+@functools.cache
+def default_documents() -> tuple[str, ...]:
     """The embedded default corpus: ~1.6 M characters of English documentation shipped with every Python
     installation: the language reference's topics (pydoc_data.topics) and the standard library's docstrings
-    of 200+ characters (parsed with `ast`, never imported). Deterministic for a given Python version."""
+    of 200+ characters (parsed with `ast`, never imported). Deterministic for a given Python version; parsed
+    once per process (it reads the whole standard library)."""
     docs = [topics[k] for k in sorted(topics)]
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
@@ -70,7 +73,7 @@ def default_documents() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 200:
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def text_files(paths: Sequence[Path]) -> list[Path]:

@@ -172,11 +172,11 @@ class LanguageModel:
         self._need_experts_on_device("token_logprobs")
         dec = self.decoder
         ids_d, targets_d = dec.transfers.put((ids, targets))
-        if dec.rows is None or isinstance(dec.rows, DeviceTable):  # the parameters and any table are on the device
+        if dec.source is None or isinstance(dec.source, DeviceTable):  # everything the pass reads is on the device
             return self._token_logprobs(self.params, ids_d, targets_d, dec.device_rows(ids_d))
         if len(self._scoring) == 2:  # the staging buffer about to be refilled was sent two calls ago: done?
             jax.block_until_ready(self._scoring.popleft())
-        rows = dec.rows.fetch(ids, next_pow2(len(np.unique(ids))))
+        rows = dec.source.fetch(ids, next_pow2(len(np.unique(ids))))
         out = self._token_logprobs(self.params, ids_d, targets_d, rows)
         self._scoring.append(out)
         return out

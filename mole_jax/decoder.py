@@ -95,7 +95,7 @@ class Decoder:
         self.config, self.table, self.placement = cfg, table, placement
         self.transfers = Transfers()
         self.params = self.transfers.put(params) if _on_host(params) else params
-        self.rows = None if table is None else row_source(table, placement, self.transfers)
+        self.source = None if table is None else row_source(table, placement, self.transfers)
         self.fetching = table is not None and placement != "device"
         self.split = self.fetching and (jax.default_backend() != "cpu" if overlap is None else overlap)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
@@ -112,12 +112,12 @@ class Decoder:
     @property
     def device_param_bytes(self) -> int:
         """What stays resident on the accelerator: the parameters, and the table when it lives there."""
-        table = self.rows.stored if isinstance(self.rows, DeviceTable) else None
+        table = self.source.stored if isinstance(self.source, DeviceTable) else None
         return nbytes(self.params) + (nbytes(table) if table is not None else 0)
 
     def device_rows(self, ids_BxT: jax.Array) -> TableRows | None:
         """The rows a step reads when nothing needs fetching: the resident table's, or none (no table)."""
-        return self.rows.rows(ids_BxT) if isinstance(self.rows, DeviceTable) else None
+        return self.source.rows(ids_BxT) if isinstance(self.source, DeviceTable) else None
 
     def prefill(self, ids_BxT: np.ndarray, lengths_B: np.ndarray, cache_len: int, seed: int,
                 sampler: Sampler | None, greedy: bool) -> DecodeState:
@@ -129,9 +129,9 @@ class Decoder:
             return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.device_rows(ids_d))
         num_rows = next_pow2(len(np.unique(ids_BxT)))  # one batched read of the prompts' distinct ids
         if not self.split:
-            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.rows.fetch(ids_BxT, num_rows))
+            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.source.fetch(ids_BxT, num_rows))
         mid, cache0 = self._front(params=self.params, cache0=cache[0], ids_BxT=ids_d)
-        state = self._prefill(**args, cache=cache[1:], ids_BxT=ids_d, rows=self.rows.fetch(ids_BxT, num_rows),
+        state = self._prefill(**args, cache=cache[1:], ids_BxT=ids_d, rows=self.source.fetch(ids_BxT, num_rows),
                               mid=mid)
         return state._replace(cache=[cache0, *state.cache])  # block 0's cache never passes through the second call
 
@@ -150,7 +150,7 @@ class Decoder:
         if not self.fetching:
             return pending.state
         state = pending.state
-        rows = self.rows.fetch(ids_B[:, None], len(ids_B))  # a fixed shape: no retrace as the distinct ids vary
+        rows = self.source.fetch(ids_B[:, None], len(ids_B))  # a fixed shape: no retrace as the distinct ids vary
         args = dict(greedy=greedy, params=self.params, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B, key=state.key,
                     sampler=sampler, rows=rows)
         if not self.split:

@@ -52,7 +52,7 @@ def _experts(h_BxTxD, u_BxTxD, expert_MxK, gates_MxK, resident_U, weights):
     return h_BxTxD + out_MxD.reshape(B, T, D)
 
 
-def _head(graphdef, greedy, params, h_BxTxD, last_B, cache, key, sampler, next_pos_B):
+def _head(graphdef, *, greedy, params, h_BxTxD, last_B, cache, key, sampler, next_pos_B):
     logits_BxV = nnx.merge(graphdef, params).head(h_BxTxD, last_B)
     return advance(logits_BxV, cache, key, None if greedy else sampler, next_pos_B)
 
@@ -77,7 +77,7 @@ class OffloadDecoder:
         self._embed = jax.jit(partial(_embed, graphdef))
         self._front = jax.jit(partial(_front, block_graphdef(cfg, with_experts=False)), donate_argnums=(3,))
         self._experts = jax.jit(_experts)  # traced once per number of experts needed in a layer (<= N)
-        self._head = jax.jit(partial(_head, graphdef), static_argnums=(0,), donate_argnums=(4,))
+        self._head = jax.jit(partial(_head, graphdef), static_argnames=("greedy",), donate_argnames=("cache",))
         self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
         self._first_pos = jax.jit(lambda lengths_B: (jnp.zeros_like(lengths_B), lengths_B - 1))
         self._next_pos = jax.jit(lambda pos_B: (jnp.zeros_like(pos_B), pos_B + 1))
@@ -117,12 +117,14 @@ class OffloadDecoder:
         ids_d, lengths_d, seed_d = self.transfers.put((ids_BxT, lengths_B, np.int32(seed)))
         start_B, last_B = self._first_pos(lengths_d)
         h, cache = self._layers(*self._embed(self.params, ids_d, start_B), cache)
-        return self._head(greedy, self.params, h, last_B, cache, self._key(seed_d), sampler, lengths_d)
+        return self._head(greedy=greedy, params=self.params, h_BxTxD=h, last_B=last_B, cache=cache,
+                          key=self._key(seed_d), sampler=sampler, next_pos_B=lengths_d)
 
     def begin(self, state: DecodeState, sampler: Sampler | None, greedy) -> Pending:
         last_B, next_pos_B = self._next_pos(state.pos_B)
         h, cache = self._layers(*self._embed(self.params, state.ids_Bx1, state.pos_B), state.cache)
-        return Pending(self._head(greedy, self.params, h, last_B, cache, state.key, sampler, next_pos_B))
+        return Pending(self._head(greedy=greedy, params=self.params, h_BxTxD=h, last_B=last_B, cache=cache,
+                                  key=state.key, sampler=sampler, next_pos_B=next_pos_B))
 
     def finish(self, pending: Pending, ids_B, sampler, greedy) -> DecodeState:
         return pending.state

@@ -11,36 +11,53 @@ Rerunning with the same OUT resumes training and reuses a finished table.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from mole_jax import checkpoint, lut
-from mole_jax.bench.tools import write_json
-from mole_jax.config import MoleError, TrainConfig, get_preset
+from mole_jax.bench.decode import Turns, time_against_dense, time_turn
+from mole_jax.bench.tools import median, write_json
+from mole_jax.config import MoleError, TrainConfig, get_preset, presets
 from mole_jax.convert import convert_to_lut
 from mole_jax.decode import LanguageModel, load
+from mole_jax.decoder import random_state
 from mole_jax.model import init_params, without_routed_experts
 from mole_jax.train import train
 
 PROMPT = "The return statement"
+TIMING_WARMUP = 3  # untimed steps before each turn of timed ones
 
 
-def _ms_per_step(model: LanguageModel, prompt_ids: list[int], steps: int) -> float:
-    """Median decode step time: two generations of different lengths in one cache bucket, the difference per
-    extra step, so prefill and the first-call compilation cancel out."""
-    model.generate(prompt_ids, steps + 8)  # compile and warm up this bucket
-    samples = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model.generate(prompt_ids, 8)
-        t1 = time.perf_counter()
-        model.generate(prompt_ids, steps + 8)
-        t2 = time.perf_counter()
-        samples.append(((t2 - t1) - (t1 - t0)) / steps * 1e3)
-    return float(np.median(samples))
+def _dense_preset(preset: str) -> str | None:
+    """The Dense model of a MoLE preset's activated size: small-mole -> small-dense, mole-4e-160m -> dense-160m."""
+    name = preset[:-len("-mole")] + "-dense" if preset.endswith("-mole") else "dense-" + preset.split("-")[-1]
+    return name if name in presets else None
+
+
+def _decode_timings(models: dict[str, LanguageModel], dense: LanguageModel | None, cfg, steps: int) -> dict:
+    """ms/step of each model, and against Dense, measured as `mole-jax bench decode` does: from one KV cache state,
+    compiled before the timing, batch 1, each model taking turns with Dense (a drifting load slows both alike)."""
+    chunk = max(1, steps // 4)
+    prompt_len = min(64, cfg.max_seq_len - chunk - TIMING_WARMUP - 1)
+    turns = Turns(steps=steps, chunk=chunk, warmup=TIMING_WARMUP, prompt_len=prompt_len,
+                  cache_len=prompt_len + TIMING_WARMUP + chunk + 1)
+    state = random_state(cfg, 1, turns.prompt_len, turns.cache_len)
+    ms, vs_dense, dense_s = {}, {}, []
+    for name, model in models.items():
+        if dense is None:
+            times = time_turn(model, state, steps, turns.warmup)[0]
+        else:
+            both, _ = time_against_dense(name, model, dense, state, turns)
+            times, dense_s = both[name], dense_s + both["dense"]
+            vs_dense[name] = median(times) / median(both["dense"])
+        ms[name] = median(times) * 1e3
+    if dense_s:
+        ms["dense"] = median(dense_s) * 1e3
+    return {"ms_per_step": ms, "vs_dense": vs_dense,
+            "method": f"batch 1, KV cache of {turns.prompt_len} positions, median of {steps} steps per model in "
+                      f"turns of {chunk} against Dense, compiled before timing"}
 
 
 def _table(lut_dir: Path, run: Path, dtype: str, params, progress: bool) -> lut.LookupTable:
@@ -58,7 +75,8 @@ def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", step
         max_new_tokens: int = 40, timing_steps: int = 32, progress: bool = True) -> dict:
     out = Path(out).expanduser().absolute()
     mole_cfg = get_preset(preset)
-    dense_cfg = get_preset(preset.replace("-mole", "-dense")) if preset.endswith("-mole") else None
+    dense_name = _dense_preset(preset)
+    dense_cfg = None if dense_name is None else get_preset(dense_name)
     run_dir, lut_dir = out / "mole", out / "mole" / checkpoint.LUT
 
     print(f"[1/4] training {preset} for {steps} steps of {batch_size}x{seq_len} tokens on the embedded corpus")
@@ -81,14 +99,13 @@ def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", step
     print("\n".join(f"    | {line}" for line in f"{prompt}{text}".rstrip().splitlines()))
 
     print("[4/4] measuring decode ms/step against the Dense model of the same activated size")
-    prompt_ids = model.encode(prompt)
-    rows = {f"mole-lut-{placement}": model}
+    models = {f"mole-lut-{placement}": model}
     if placement != "host":
-        rows["mole-lut-host"] = load(run_dir, lut=table, lut_placement="host")
-    if dense_cfg is not None:  # random weights: a step's cost does not depend on them
-        rows["dense"] = LanguageModel(dense_cfg, init_params(dense_cfg))
-    timings = {name: _ms_per_step(m, prompt_ids, timing_steps) for name, m in rows.items()}
-    device_bytes = {name: m.device_param_bytes for name, m in rows.items()}
+        models["mole-lut-host"] = load(run_dir, lut=table, lut_placement="host")
+    # random weights: a step's cost does not depend on them
+    dense = None if dense_cfg is None else LanguageModel(dense_cfg, init_params(dense_cfg))
+    timings = _decode_timings(models, dense, mole_cfg, timing_steps)
+    device_bytes = {name: m.device_param_bytes for name, m in {**models, "dense": dense}.items() if m is not None}
     # What the training form would keep on the device: every parameter, the routed experts included.
     device_bytes["mole-experts-on-device"] = sum(int(x.nbytes) for x in jax.tree.leaves(trained))
     inference_params = without_routed_experts(trained)
@@ -98,7 +115,7 @@ def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", step
         "first_loss": losses[0], "final_loss": losses[-1], "val_loss": val_losses[-1] if val_losses else None,
         "prompt": prompt, "generated": text,
         "lut_bytes_on_disk": table.nbytes, "lut_row_bytes": table.row_nbytes, "lut_scheme": table.scheme,
-        "device_param_bytes": device_bytes, "ms_per_step": timings,
+        "device_param_bytes": device_bytes, **timings,
         "inference_form_params": sum(int(np.size(x)) for x in jax.tree.leaves(inference_params)),
     }
     _print_report(report, dense=dense_cfg is not None, placement=placement)
@@ -126,7 +143,7 @@ def _print_report(r: dict, *, dense: bool, placement: str) -> None:
     print(f"  device-resident    MoLE with its LUT offloaded {_mib(dev[f'mole-lut-{placement}'])}, "
           f"MoLE with experts {_mib(dev['mole-experts-on-device'])}"
           + (f", Dense {_mib(dev['dense'])}" if dense else ""))
-    ms = r["ms_per_step"]
-    base = ms.get("dense")
+    ratios = r["vs_dense"]
     print("  decode ms/step     " + ", ".join(
-        f"{k} {v:.2f}" + (f" ({v / base:.2f}x dense)" if base and k != "dense" else "") for k, v in ms.items()))
+        f"{k} {v:.2f}" + (f" ({ratios[k]:.2f}x dense)" if k in ratios else "") for k, v in r["ms_per_step"].items()))
+    print(f"                     ({r['method']})")

@@ -108,7 +108,7 @@ def test_batched_prompts_equal_each_alone(models, kind):
 
 @pytest.mark.parametrize("scheme", ["bfloat16", "int8", "nf4"])
 def test_quantized_tables_dequantize_on_device_like_on_host(mole_run, tmp_path, scheme):
-    """The step dequantizes the stored rows on the device (lut.dequantize with jax.numpy), layer by layer; the
+    """The step dequantizes the stored rows on the device (schemes.dequantize with jax.numpy), layer by layer; the
     logits equal a full pass fed with the host's LookupTable.rows, and stay close to the float32 table's."""
     run, lut32 = mole_run
     convert_to_lut(run, tmp_path / scheme, dtype=scheme, progress=False)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mole_jax"
 OPTIONAL_EXTRAS = ("lm_eval", "matplotlib", "datasets", "huggingface_hub", "torch")  # imported where used
+# docs/design.md: a module imports only from the layers above its own
+LAYERS = [["config"], ["layers", "schemes", "data"], ["model", "sampling", "row_sources"],
+          ["sharding", "checkpoint", "lut"], ["train_step", "lut_writer", "decoder"],
+          ["evaluation", "convert", "hf", "offload"], ["train", "decode"], ["bench", "harness"], ["quickstart", "cli"]]
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -25,11 +29,32 @@ def _imported(node) -> list[str]:
     return [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
 
 
-def test_no_import_cycle_between_modules():
+def _graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports at its top."""
     modules = _modules()
-    graph = {name: {m for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-                    for m in _imported(node) if m in modules and m not in (name, "mole_jax")}
-             for name, tree in modules.items()}
+    return {name: {m for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                   for m in _imported(node) if m in modules and m not in (name, "mole_jax")}
+            for name, tree in modules.items()}
+
+
+def test_modules_import_only_from_the_layers_above():
+    layer = {f"mole_jax.{m}": i for i, names in enumerate(LAYERS) for m in names}
+
+    def layer_of(module):  # a subpackage's modules share its layer
+        parts = module.split(".")
+        return layer.get(".".join(parts[:2]))
+
+    graph = _graph()
+    unplaced = sorted(m for m in graph if m != "mole_jax" and layer_of(m) is None)
+    assert not unplaced, f"modules missing from LAYERS (and docs/design.md): {unplaced}"
+    same_package = lambda a, b: a.split(".")[:2] == b.split(".")[:2]  # noqa: E731  (bench.* among themselves)
+    upward = [f"{m} imports {d}" for m, deps in graph.items() if m != "mole_jax" for d in deps
+              if not (layer_of(d) < layer_of(m) or same_package(d, m))]
+    assert not upward, upward
+
+
+def test_no_import_cycle_between_modules():
+    graph = _graph()
     state: dict[str, str] = {}
 
     def visit(name, path):

@@ -37,8 +37,8 @@ def _run(name: str, workdir: Path, **env_changes) -> nbformat.NotebookNode:
     nb.cells.insert(0, nbformat.v4.new_code_cell(NO_NETWORK))
     # one CPU device as a user would have (conftest fakes four for the sharding tests), offline
     env = dict(os.environ)
-    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(workdir),
-               MPLBACKEND="module://matplotlib_inline.backend_inline", **env_changes)
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TMPDIR=str(workdir), MPLBACKEND="module://matplotlib_inline.backend_inline", **env_changes)
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if any cell fails

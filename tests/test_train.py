@@ -161,7 +161,7 @@ def test_optimizer_recipe():
     params = init_params(cfg)
     tx = make_optimizer(tc)
     zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     # decoupled weight decay 0.1 at lr(0) on matrices; RMSNorm scales are not decayed
     np.testing.assert_allclose(updates["embed_VxD"], -6e-5 * 0.1 * params["embed_VxD"], rtol=1e-5)
     assert np.all(np.asarray(updates["blocks"][0]["norm_post"]["scale_D"]) == 0)

@@ -31,7 +31,7 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # steps donate the c
 
 
 @dataclasses.dataclass(frozen=True)
-class _Turns:
+class Turns:
     """How the models take turns: `steps` timed steps per (model, batch size), in turns of `chunk`, each turn
     after `warmup` untimed steps, from a KV cache filled to `prompt_len` of `cache_len` positions."""
     steps: int
@@ -55,7 +55,7 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
     if preset_size not in DECODE_FAMILIES:
         raise MoleError(f"unknown preset size {preset_size!r}: choose one of {', '.join(DECODE_FAMILIES)}")
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    turns = _Turns(steps, chunk, warmup, prompt_len,
+    turns = Turns(steps, chunk, warmup, prompt_len,
                    cache_len=prompt_len + warmup + chunk + 1)  # as the paper's HF cache: the positions in use
     cfgs = _configs(preset_size, dtype, turns.cache_len)
     modeled_key = f"modeled_ms_per_step_{link_gbps:g}gbps"
@@ -124,7 +124,7 @@ def _model_builders(cfgs: dict[str, ModelConfig], table: LookupTable) -> dict[st
 
 
 def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, batch_sizes: Sequence[int],
-             turns: _Turns) -> list[dict[str, Any]]:
+             turns: Turns) -> list[dict[str, Any]]:
     """One row per (model, batch size). Each model takes turns with Dense (its own ratio is then immune to a
     drifting machine load), one model at a time."""
     build = _model_builders(cfgs, table)
@@ -134,7 +134,7 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, batch_sizes: Sequ
         model = build[name]()
         for B in batch_sizes:
             template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)  # one backbone
-            times, sent = _time_against_dense(name, model, dense, template, turns)
+            times, sent = time_against_dense(name, model, dense, template, turns)
             del template
             dense_times[B] += times["dense"]
             dense_sent[B] += sent["dense"]
@@ -151,21 +151,21 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, batch_sizes: Sequ
                     "device_param_bytes": dense.device_param_bytes} for B in batch_sizes]
 
 
-def _time_against_dense(name: str, model: LanguageModel, dense: LanguageModel, template,
-                        turns: _Turns) -> tuple[dict[str, list[float]], dict[str, int]]:
+def time_against_dense(name: str, model: LanguageModel, dense: LanguageModel, template,
+                        turns: Turns) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Seconds per step and bytes moved host->device of `model` and of Dense, in alternating turns (who goes
     first alternates too)."""
     times, sent = {name: [], "dense": []}, {name: 0, "dense": 0}
     for r in range(-(-turns.steps // turns.chunk)):
         n = min(turns.chunk, turns.steps - len(times[name]))
         for who, m in ((name, model), ("dense", dense))[::1 if r % 2 else -1]:
-            t, b = _turn(m, template, n, turns.warmup)
+            t, b = time_turn(m, template, n, turns.warmup)
             times[who] += t
             sent[who] += b
     return times, sent
 
 
-def _turn(model: LanguageModel, template, n: int, warmup: int) -> tuple[list[float], int]:
+def time_turn(model: LanguageModel, template, n: int, warmup: int) -> tuple[list[float], int]:
     """`n` timed decode steps after `warmup` untimed ones, from a copy of `template`: their seconds and the bytes
     they moved host->device."""
     dec = model.decoder
