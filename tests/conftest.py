@@ -1,17 +1,9 @@
 """Shared fixtures, and the environment every test process and every subprocess it starts inherits (set before
-JAX starts):
-- four fake CPU devices, so that sharding tests run anywhere;
-- XLA's CPU backend at optimisation level 0: test shapes are tiny, so compiling dominates and running does not
-  (the same HLO, less LLVM work per kernel);
-- one persistent compilation cache for the session, shared by the pytest-xdist workers and the CLIs, notebooks
-  and scripts the tests run, so the same program is compiled once. It lives in a temporary directory that the
-  process that made it removes at exit.
-"""
+JAX starts): four fake CPU devices, so that sharding tests run anywhere, and XLA's CPU backend at optimisation
+level 0: test shapes are tiny, so compiling dominates and running does not (the same HLO, less LLVM work per
+kernel)."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
@@ -24,11 +16,6 @@ def xla_flags(devices: int) -> str:
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mole-jax-tests-xla-")
-    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -84,3 +71,14 @@ def neox_tokenizer_path():
     if not NEOX_TOKENIZER.is_file():
         pytest.skip("../shared/data/gpt-neox-20b is not available")
     return NEOX_TOKENIZER
+
+
+# pytest-xdist (pytest.ini: --dist loadfile) hands whole files to its workers in collection order: the longest
+# first, so that none of them starts last and runs alone.
+LONGEST_FIRST = ["test_train.py", "test_experiments.py", "test_decode.py", "test_model.py", "test_harness.py",
+                 "test_notebooks.py", "test_quickstart.py", "test_convert.py", "test_hf.py", "test_data.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
