@@ -4,7 +4,12 @@ on stderr (no traceback). Heavy imports happen inside the subcommands so that `-
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+
+from mole_jax.config import MoleError, TrainConfig, get_preset
+from mole_jax.schemes import SCHEMES  # numpy and ml_dtypes only: building the parser starts no JAX
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,8 +63,6 @@ def _cmd_convert(args):
 
 
 def _cmd_lut_info(args):
-    import json
-
     from mole_jax.lut import read_info
 
     info = read_info(args.lut_dir)
@@ -84,7 +87,6 @@ def _cmd_lut_info(args):
 
 
 def _cmd_lut_verify(args):
-    from mole_jax.config import MoleError
     from mole_jax.convert import verify_lut
 
     r = verify_lut(args.lut_dir, args.ckpt, rows=args.rows, seed=args.seed)
@@ -97,7 +99,6 @@ def _cmd_lut_verify(args):
 
 
 def _add_lut(sub):
-    from mole_jax.schemes import SCHEMES  # numpy and ml_dtypes only: building the parser starts no JAX
 
     p = sub.add_parser("convert", help="MoLE re-parameterisation: a training-form checkpoint -> lookup table")
     p.add_argument("ckpt", help="run directory, checkpoints directory or step directory of a MoLE model")
@@ -150,7 +151,6 @@ def _add_bench_convert(bench_sub):
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
-    from mole_jax.config import MoleError
 
     try:
         return [int(t) for t in text.replace(",", " ").split()]
@@ -159,9 +159,6 @@ def _parse_prompt_ids(text: str) -> list[int]:
 
 
 def _cmd_generate(args):
-    import time
-
-    from mole_jax.config import MoleError
     from mole_jax.decode import load
 
     if (args.prompt is None) == (args.prompt_ids is None):
@@ -256,19 +253,17 @@ _TRAIN_FLAGS = {  # CLI flag -> TrainConfig field (unset flags keep TrainConfig'
 
 
 def _cmd_train(args):
+    cfg = get_preset(args.preset)  # a bad name fails before JAX starts
+    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    tc = TrainConfig(**overrides, dedup=not args.no_dedup)
     from mole_jax import train as train_mod
 
     # before anything touches a device: join the other hosts when the environment (or the flags) ask for it
     train_mod.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    from mole_jax.config import TrainConfig, get_preset
-
-    cfg = get_preset(args.preset)
     dtype = args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
     cfg = cfg.replace(dtype=dtype)
-    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
-    tc = TrainConfig(**overrides, dedup=not args.no_dedup)
     result = train_mod.train(cfg, tc, out=args.out, data_source=args.data, tokenizer=args.tokenizer,
                              devices=args.devices, preset=args.preset, progress=not args.no_progress)
     if jax.process_index() == 0:
@@ -313,8 +308,6 @@ def _add_train(sub):
 
 
 def _cmd_eval(args):
-    import json
-
     from mole_jax.evaluation import evaluate
 
     r = evaluate(args.run_dir, data_source=args.data, split=args.split, batch_size=args.batch_size,
@@ -406,7 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mole_jax.config import MoleError
 
     try:
         args.func(args)

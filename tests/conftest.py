@@ -1,11 +1,12 @@
 """Shared fixtures, and the environment every test process and every subprocess it starts inherits (set before
-JAX starts): four fake CPU devices, so that sharding tests run anywhere, and XLA's CPU backend at optimisation
-level 0: test shapes are tiny, so compiling dominates and running does not (the same HLO, less LLVM work per
-kernel)."""
+JAX starts): four fake CPU devices, so that sharding tests run anywhere, and XLA's CPU backend set for tiny
+programs run by one test process per core (pytest-xdist): compiling dominates running, so optimisation level 0
+(the same HLO, less LLVM work per kernel), and neither compiling nor running spreads over threads."""
 
 import os
 
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1 "
+                "--xla_cpu_multi_thread_eigen=false")
 
 
 def xla_flags(devices: int) -> str:
@@ -17,6 +18,8 @@ def xla_flags(devices: int) -> str:
 os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -64,6 +67,21 @@ def write_hf_checkpoint(path: Path, cfg: ModelConfig, *, seed: int = 0, inferenc
     (path / "config.json").write_text(json.dumps(hf_cfg))
     save_file(tensors, str(path / "model.safetensors"))
     return tensors
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """The `mole-jax` command run in this process: (exit status, stdout, stderr). The same code as the installed
+    command (`cli.main`), without a new interpreter per call; tests that need a process of its own (streaming
+    output, kill -9, several processes, the entry point itself) start one."""
+    from mole_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            status = e.code
+    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import prime_config, write_hf_checkpoint
+from conftest import prime_config, run_cli, write_hf_checkpoint
 from mole_jax import checkpoint, decoder, hf, lut, row_sources
 from mole_jax.config import MoleError
 from mole_jax.convert import convert_to_lut
@@ -318,15 +318,14 @@ def test_bad_input_raises_one_clear_error(mole_run, models, tmp_path):
             fn()
         assert "\n" not in str(e.value), msg
 
-    cli = [sys.executable, "-m", "mole_jax.cli", "generate"]
     for args, msg in [([str(run), "--prompt-ids", "1,2,97"], "outside the vocabulary"),
                       ([str(other), "--lut", str(lut_dir), "--prompt-ids", "1,2"], "another checkpoint"),
                       ([str(tmp_path / "inf"), "--prompt-ids", "1,2"], "needs its lookup table"),
                       ([str(run), "--prompt", "hi"], "has no tokenizer"),
                       ([str(run), "--prompt-ids", "1,x"], "--prompt-ids")]:
-        r = subprocess.run(cli + args, capture_output=True, text=True)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr, r.stderr
+        status, _, err = run_cli("generate", *args)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err
 
 
 # The benchmark runs (timings are for `mole-jax bench decode`, never asserted here) ----------------------------

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import reference
-from conftest import prime_config, write_hf_checkpoint
+from conftest import prime_config, run_cli, write_hf_checkpoint
 from mole_jax import checkpoint, hf
 from mole_jax.config import MoleError
 from mole_jax.decode import load
@@ -165,13 +165,12 @@ def test_bad_checkpoints_raise_one_clear_error(tmp_path):
 
 def test_cli_bad_input_exit_2_one_line(tmp_path):
     for name, (src, msg) in _bad_cases(tmp_path).items():
-        r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf", str(src), str(tmp_path / "o")],
-                           capture_output=True, text=True)
-        assert r.returncode == 2, (name, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr, (name, r.stderr)
+        status, _, err = run_cli("import-hf", src, tmp_path / "o")
+        assert status == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err, (name, err)
     r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf"], capture_output=True, text=True)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # the installed entry point, as a user
 
 
 def test_existing_destination_is_not_overwritten(tmp_path):

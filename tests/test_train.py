@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import prime_config, xla_flags
+from conftest import prime_config, run_cli, xla_flags
 from mole_jax import checkpoint, data, sharding, train
 from mole_jax.config import MoleError, TrainConfig, get_preset
 from mole_jax.model import graphdef_and_shapes, init_params
@@ -328,9 +328,9 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 
 def _cli_error(args) -> str:
-    r = subprocess.run(CLI + args, capture_output=True, text=True)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    status, _, err = run_cli(*args)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     return lines[0]
 
 
