@@ -6,6 +6,7 @@ The public API (kept small; everything else is reachable through the modules):
     load(path, lut=None, lut_placement="device")   a checkpoint -> LanguageModel: .logits(ids),
                                    .generate(prompts, max_new_tokens, ...), .stream(...), .generate_text(text, ...)
     import_hf(src, out), export_hf(ckpt, out)   the authors' checkpoints in and out
+    upcycle(dense_ckpt, out, num_experts=4)   a trained Dense checkpoint -> a MoLE run directory (step 0 = Dense)
     convert_to_lut(ckpt, lut_dir, dtype)  MoLE's re-parameterisation: experts -> lookup table on storage
     open_lut(lut_dir)              a table: .rows(ids) -> float32 [len(ids), L, N, d]
     MoleError                      bad input (the CLI prints it on one line and exits 2)
@@ -32,6 +33,7 @@ _LAZY = {  # public name -> the module that defines it
     "LanguageModel": "mole_jax.decode", "load": "mole_jax.decode",
     "import_hf": "mole_jax.hf", "export_hf": "mole_jax.hf",
     "convert_to_lut": "mole_jax.convert", "open_lut": "mole_jax.lut", "evaluate": "mole_jax.evaluation",
+    "upcycle": "mole_jax.upcycling",
 }
 __all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", *_LAZY]
 

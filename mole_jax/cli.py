@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from mole_jax.config import MoleError, TrainConfig, get_preset
+from mole_jax.config import REMAT_POLICIES, TRAINABLE, MoleError, TrainConfig, get_preset
 from mole_jax.schemes import SCHEMES  # numpy and ml_dtypes only: building the parser starts no JAX
 
 
@@ -50,13 +50,36 @@ def _add_hf(sub):
     p.set_defaults(func=_cmd_export_hf)
 
 
+def _cmd_upcycle(args):
+    from mole_jax.upcycling import upcycle
+
+    out = upcycle(args.dense_ckpt, args.out, num_experts=args.experts, init=args.init, expert_dim=args.expert_dim,
+                  seed=args.seed)
+    print(f"wrote {out}: MoLE with {args.experts} new routed experts per layer, step 0 = the Dense model "
+          f"({args.init}); train it with: mole-jax train --out {out} --steps N --train new|all")
+
+
+def _add_upcycle(sub):
+    p = sub.add_parser("upcycle", help="a trained Dense checkpoint -> a MoLE run directory with new routed experts "
+                                       "whose step-0 logits are the Dense model's")
+    p.add_argument("dense_ckpt", help="run directory, checkpoints directory or step directory of a Dense model")
+    p.add_argument("out", help="run directory to create (then: mole-jax train --out OUT ...)")
+    p.add_argument("--experts", type=int, default=4, help="routed experts per layer (4)")
+    p.add_argument("--init", default="zero-down",
+                   help="the new parameters: zero-down (default: zero down-projections), zero-down-router (the "
+                        "router zero too), small-down (a fresh MoLE's init; step 0 then differs slightly)")
+    p.add_argument("--expert-dim", type=int, default=None, help="routed experts' width (default: the Dense FFN's)")
+    p.add_argument("--seed", type=int, default=0, help="of the new random weights (0)")
+    p.set_defaults(func=_cmd_upcycle)
+
+
 def _cmd_convert(args):
     from mole_jax.convert import convert_to_lut
     from mole_jax.lut import read_info
 
     where = convert_to_lut(args.ckpt, args.lut_dir, args.dtype, batch_rows=args.batch_rows,
                            shard_rows=args.shard_rows, block=args.block, overwrite=args.overwrite,
-                           checksum=args.checksum, progress=not args.no_progress)
+                           progress=not args.no_progress)
     info = read_info(where)
     print(f"wrote {where}: {info['scheme']} {info['shape']}, {info['nbytes']:,} bytes "
           f"({info['nbytes'] / info['fp16_nbytes']:.1%} of float16), fingerprint {info['fingerprint'][:16]}")
@@ -89,13 +112,18 @@ def _cmd_lut_info(args):
 def _cmd_lut_verify(args):
     from mole_jax.convert import verify_lut
 
-    r = verify_lut(args.lut_dir, args.ckpt, rows=args.rows, seed=args.seed)
-    print(f"{r['rows']} rows (seed {r['seed']}), {r['scheme']}: max |error| {r['max_abs_error']:.4g}, "
-          f"{r['max_error_over_allowed']:.4g} of the allowed error (scheme bound + float32 recomputation noise)")
-    if not r["ok"]:
-        raise MoleError(f"verification failed: the table's rows differ from the checkpoint's experts by up to "
-                        f"{r['max_error_over_allowed']:.4g}x the allowed error")
-    print("ok")
+    r = verify_lut(args.lut_dir, args.ckpt, rows=args.rows, full=args.full, seed=args.seed,
+                   progress=not args.no_progress)
+    for line in r["problems"]:
+        print(f"bad {line}")
+    if not r["ok"]:  # exit 1: the table is damaged or wrong (exit 2 stays for bad input)
+        print(f"{args.lut_dir}: {len(r['problems'])} of {r['shards']} shards missing, damaged or wrong: FAILED")
+        raise SystemExit(1)
+    sums = "every row's checksum verified" if r["checksum"] else "no row checksums to verify"
+    which = "every row" if args.full else f"{args.rows} per shard, seed {r['seed']}"
+    rows = ("" if args.ckpt is None else f"; {r['rows']} rows recomputed from {args.ckpt} ({which}), max |error| "
+            f"{r['max_abs_error']:.4g}, {r['max_error_over_allowed']:.4g} of the allowed")
+    print(f"{args.lut_dir}: {r['shards']} shards present, {sums}{rows}: ok")
 
 
 def _add_lut(sub):
@@ -109,7 +137,7 @@ def _add_lut(sub):
     p.add_argument("--shard-rows", type=int, default=None, help="rows per table file (default: ~64 MiB files)")
     p.add_argument("--block", type=int, default=None, help="nf4/nf3 quantisation block (default 768/128 or the "
                                                            "largest divisor of d_model below)")
-    p.add_argument("--checksum", action="store_true", help="store a crc32c checksum with every row")
+    p.add_argument("--checksum", action="store_true", help="(always on: every row has a crc32c; kept for scripts)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete table (an interrupted conversion of the same model always resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -121,11 +149,15 @@ def _add_lut(sub):
     p.add_argument("lut_dir")
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(func=_cmd_lut_info)
-    p = lut_sub.add_parser("verify", help="recompute random rows from the checkpoint and compare (exit 2 if not)")
+    p = lut_sub.add_parser("verify", help="check every shard's presence and checksums; with CKPT, recompute rows "
+                                          "and compare (exit 1 naming each bad shard)")
     p.add_argument("lut_dir")
-    p.add_argument("ckpt", help="the checkpoint the table was converted from")
-    p.add_argument("--rows", type=int, default=16, help="random rows to recompute (plus the first and last)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("ckpt", nargs="?", default=None, help="the checkpoint the table was converted from")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--rows", type=int, default=4, help="random rows per shard to recompute from CKPT (4)")
+    which.add_argument("--full", action="store_true", help="recompute every row from CKPT")
+    p.add_argument("--seed", type=int, default=None, help="of the random rows (default: a fresh one, printed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_lut_verify)
 
 
@@ -163,7 +195,9 @@ def _cmd_generate(args):
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise MoleError("give exactly one of --prompt TEXT and --prompt-ids IDS")
-    model = load(args.ckpt, lut=args.lut, lut_placement=args.placement, offload_experts=args.offload_experts)
+    tier_bytes = None if args.device_tier_mb is None else int(args.device_tier_mb * 2**20)
+    model = load(args.ckpt, lut=args.lut, lut_placement=args.placement, offload_experts=args.offload_experts,
+                 device_rows=args.device_rows, device_tier_bytes=tier_bytes, token_counts=args.token_counts)
     as_text = args.prompt is not None
     ids = model.encode(args.prompt) if as_text else _parse_prompt_ids(args.prompt_ids)
     eos = args.eos_id if args.eos_id is not None else (model.eos_id if as_text else None)
@@ -193,6 +227,9 @@ def _cmd_generate(args):
     sys.stdout.write("\n")
     secs = time.perf_counter() - t0
     where = f", LUT on {model.placement}" if model.placement else ""
+    tier = model.decoder.tier_counts if hasattr(model.decoder, "tier_counts") else None
+    if tier is not None:
+        where += f" behind a device tier of {len(model.decoder.source.ids_K):,} rows, hit rate {tier.hit_rate:.3f}"
     print(f"[{n} tokens, {1000 * secs / max(n - 1, 1):.1f} ms/token after the first{where}, "
           f"{model.h2d_bytes:,} bytes host->device]", file=sys.stderr)
 
@@ -206,6 +243,11 @@ def _add_generate(sub):
                    help="where the LUT lives while decoding (default host)")
     p.add_argument("--offload-experts", action="store_true", help="MoE: keep the experts in host memory "
                                                                    "(the paper's offloading baseline)")
+    p.add_argument("--device-rows", type=int, default=None,
+                   help="host/storage LUT: keep the rows of this many of the most frequent ids on the device "
+                        "(ordered by RUN_DIR/token_counts.npy, else the lowest ids)")
+    p.add_argument("--device-tier-mb", type=float, default=None, help="the same tier sized in MiB instead of rows")
+    p.add_argument("--token-counts", default=None, help="a .npy of token counts [V] to order the device tier by")
     p.add_argument("--prompt", default=None, help="prompt text (the run needs a tokenizer)")
     p.add_argument("--prompt-ids", default=None, help='prompt token ids, e.g. "1,2,3" (printed ids out)')
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -245,18 +287,24 @@ def _add_bench_decode(bench_sub):
 
 
 _TRAIN_FLAGS = {  # CLI flag -> TrainConfig field (unset flags keep TrainConfig's defaults: the paper's recipe)
-    "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
-    "lr": "peak_lr", "warmup_frac": "warmup_frac", "weight_decay": "weight_decay", "seed": "seed",
-    "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
-    "eval_every": "eval_every", "eval_batches": "eval_batches", "val_fraction": "val_fraction",
+    "steps": "steps", "schedule_steps": "schedule_steps", "batch_size": "batch_size", "seq_len": "seq_len",
+    "grad_accum": "grad_accum", "lr": "peak_lr", "warmup_frac": "warmup_frac", "weight_decay": "weight_decay",
+    "seed": "seed", "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints",
+    "log_every": "log_every", "eval_every": "eval_every", "eval_batches": "eval_batches",
+    "val_fraction": "val_fraction", "remat": "remat", "train": "trainable",
 }
 
 
 def _cmd_train(args):
-    cfg = get_preset(args.preset)  # a bad name fails before JAX starts
+    cfg = get_preset(args.preset) if args.preset else None  # a bad name fails before JAX starts
     overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     tc = TrainConfig(**overrides, dedup=not args.no_dedup)
     from mole_jax import train as train_mod
+
+    name = args.preset
+    if cfg is None:  # the model of the run in OUT (a run to resume, or an upcycled model)
+        cfg, recorded = train_mod.run_model(args.out)
+        name = recorded or f"the {cfg.kind} model of {args.out}"
 
     # before anything touches a device: join the other hosts when the environment (or the flags) ask for it
     train_mod.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -269,18 +317,22 @@ def _cmd_train(args):
     if jax.process_index() == 0:
         val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         loss = f": loss {result.loss:.4f}{val}" if result.loss is not None else " (already complete)"
-        print(f"trained {args.preset} to step {result.step}{loss}; run directory {result.out}")
+        print(f"trained {name} to step {result.step}{loss}; run directory {result.out}")
 
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a preset on text (resumes when OUT holds the same run)")
-    p.add_argument("--preset", required=True, help="model preset, e.g. tiny-mole, small-dense, mole-4e-160m")
+    p.add_argument("--preset", help="model preset, e.g. tiny-mole, small-dense, mole-4e-160m; optional when OUT "
+                                    "holds a run (to resume, or an upcycled model: its model)")
     p.add_argument("--data", nargs="+", default=None,
                    help="text file(s) or directory, a .bin token file (uint16; .u32.bin for uint32), hf:NAME for a "
                         "locally cached Hugging Face dataset, or 'default' (the default: the embedded English "
                         "corpus from Python's own documentation)")
     p.add_argument("--out", required=True, help="run directory (rerunning the same command resumes it)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total")
+    p.add_argument("--schedule-steps", type=int,
+                   help="steps the learning-rate schedule spans (default: --steps), fixed for the run: to extend a "
+                        "finished run, keep it and raise --steps (later steps train at the schedule's final rate)")
     p.add_argument("--batch-size", type=int, help="sequences per step, across devices and accumulation (16)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (128)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (1)")
@@ -300,6 +352,12 @@ def _add_train(sub):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; params stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--no-dedup", action="store_true", help="MoLE: run the routed experts on every token")
+    p.add_argument("--remat", choices=REMAT_POLICIES,
+                   help="recompute activations in the backward pass: none (default), block (each block from its "
+                        "input: least memory), dots (keep matmul outputs, recompute the rest)")
+    p.add_argument("--train", choices=TRAINABLE,
+                   help="what gets updates: all (default) or new (MoLE's routed experts, expert norms and routers "
+                        "only, e.g. of an upcycled model: the backbone stays bit-identical)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
@@ -389,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_hf(sub)
+    _add_upcycle(sub)
     bench = sub.add_parser("bench", help="benchmarks: variants side by side in one run, reported as ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     _add_bench_convert(bench_sub)

@@ -12,7 +12,13 @@ from typing import Any
 
 KINDS = ("dense", "moe", "mole")
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "dense", "ragged", "gather", "skip")
+MOE_IMPLS = ("auto", "dense", "ragged", "grouped", "gather", "skip")
+# Activation rematerialisation in training (TrainConfig.remat): "none" keeps every activation for the backward pass,
+# "block" recomputes each block from its input, "dots" keeps the matmul outputs and recomputes the rest.
+REMAT_POLICIES = ("none", "block", "dots")
+# What a run trains (TrainConfig.trainable): "all" its parameters, or "new" only MoLE's routed part (routed
+# experts, expert norms, routers), e.g. of a model upcycled from Dense (upcycling.py), the backbone frozen.
+TRAINABLE = ("all", "new")
 
 
 class MoleError(ValueError):
@@ -44,8 +50,9 @@ class ModelConfig:
     moe_balance_coef: float = 0.01  # OLMoE-style load balance, MoE only (MoLE uses no auxiliary loss)
     moe_z_coef: float = 0.001  # router z-loss, MoE only
     moe_impl: str = "auto"  # "auto", or "dense" (all experts, masked), "ragged" (sorted + lax.ragged_dot),
-    #                         "gather" (each row's experts' weights), "skip" (lax.cond skips idle experts)
-    attention_impl: str | None = None  # passed to jax.nn.dot_product_attention: None/"xla" or "cudnn"
+    #                         "grouped" (sorted, batched GEMMs over tiles of one expert's rows), "gather" (each row's
+    #                         experts' weights), "skip" (lax.cond skips idle experts)
+    attention_impl: str | None = None  # None/"auto" (cuDNN on GPU in bf16/fp16 if it takes the shapes), "xla", "cudnn"
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -170,6 +177,9 @@ class TrainConfig:
     """Optimisation and run settings (the paper's recipe as defaults: mole.md section 4)."""
 
     steps: int = 1000
+    # Steps the learning-rate schedule spans (warmup and cosine); None: `steps`. Fixed when a run starts (run.json),
+    # so that a run extended past it keeps its trajectory: later steps train at the schedule's final rate.
+    schedule_steps: int | None = None
     batch_size: int = 16  # sequences per optimizer step (global, across devices and accumulation)
     seq_len: int = 128
     grad_accum: int = 1  # micro-batches per step
@@ -183,6 +193,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     dedup: bool = True  # MoLE: evaluate routed experts once per unique token id in the batch
+    remat: str = "none"  # activation rematerialisation in the backward pass: one of REMAT_POLICIES
+    trainable: str = "all"  # which parameters get updates: one of TRAINABLE (frozen ones have no optimizer state)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10

@@ -14,9 +14,15 @@ several processes, and in an interrupted-and-resumed run as in an uninterrupted 
 files present (a shard file appears only once fully written), so a rerun after a kill, even SIGKILL, computes
 the missing shards only. The table is marked complete after a verification pass recomputes spot rows.
 
-Several processes (`jax.distributed.initialize()` before the call) split the pending shards between them; each
-computes on its own devices and writes its own shards to the shared location (a shared filesystem or gs://);
-process 0 prepares the table and, after a barrier, verifies and completes it.
+Resuming is refused, in one line naming the setting, when anything that determines the stored bits differs from
+the interrupted run: the table's settings, the batch rows, the backend, the device model or the jax version
+(`producer_settings`); `--overwrite` starts over. Process 0 holds the table's lock (lut_writer.TableLock) from
+start to completion, so a second conversion started on the same directory refuses.
+
+Several processes (`jax.distributed.initialize()` before the call) share the shards by index: shard i belongs to
+process i % n (`owned_shards`), whatever the others have finished, and each skips its own shards already written.
+Each computes on its own devices and writes its own shards to the shared location (a shared filesystem or
+gs://); process 0 prepares the table and, after a barrier, verifies and completes it.
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mole_jax import checkpoint, lut, schemes, sharding
+from mole_jax import checkpoint, lut, lut_writer, schemes, sharding
 from mole_jax.config import ModelConfig, MoleError
 from mole_jax.lut_writer import ShardPipeline, TableWriter
 from mole_jax.model import graphdef_and_shapes
 from mole_jax.schemes import Layout
 
 STEP_TARGET_BYTES = 64 << 20  # float32 rows (or expert activations) one device computes per step, by default
-VERIFY_ROWS = 16
+VERIFY_ROWS = 16  # spot rows a conversion recomputes before it marks the table complete
+VERIFY_ROWS_PER_SHARD = 4  # random rows per shard `lut verify CKPT` recomputes by default
 # Recomputing a row in float32 with another batch shape may differ in the last bits; verification allows this
 # much (relative to each expert vector's absmax) on top of the scheme's own bound.
 VERIFY_RTOL = 1e-5
@@ -128,66 +135,97 @@ def _barrier(name: str) -> None:
 
 def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | None = None,
                    shard_rows: int | None = None, block: int | None = None, overwrite: bool = False,
-                   verify_rows: int = VERIFY_ROWS, checksum: bool = False, devices=None, progress: bool = True,
+                   verify_rows: int = VERIFY_ROWS, checksum: bool = True, devices=None, progress: bool = True,
                    max_inflight_shards: int = 2) -> Path | str:
     """Tabulate a MoLE training-form checkpoint (run, checkpoints or step directory) into a table at `lut_dir`.
 
     dtype: the table's scheme, one of schemes.SCHEMES. batch_rows: rows each device computes per step (must divide
     shard_rows; default: the most whose float32 rows fit in 64 MiB). shard_rows: rows per table file (default:
-    files of about 64 MiB; kept from the first run when resuming).
+    files of about 64 MiB). Both default to the interrupted table's when resuming.
     block: nf4/nf3 quantisation block (schemes.default_block). overwrite: replace a complete table (or an interrupted
-    one of other parameters); an interrupted conversion of the same parameters and settings is always resumed.
+    one of other parameters or settings); an interrupted conversion of the same parameters and settings is always
+    resumed. checksum=False (no crc32c per row) only to measure what checksums cost.
     devices: the local devices to use (default all). Returns the table's location (Path or URL).
     """
     scheme = schemes.check_scheme(dtype)
     cfg, ref = training_form_config(ckpt)
-    schemes.make_layout(scheme, cfg, block)  # a bad scheme or block fails before anything is read or written
+    layout = schemes.make_layout(scheme, cfg, block)  # a bad scheme or block fails before anything is read
     if batch_rows is not None and shard_rows is not None and (batch_rows <= 0 or shard_rows % batch_rows):
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of shard_rows {shard_rows}")
     devices = list(devices or jax.local_devices())
     mesh = _local_mesh(devices)
     # Replicated: every device computes whole rows with all experts of a layer, so no collective ever splits a
     # sum (the same bits on any device count). The experts must fit on one device (410M-16E: 13 GB in float32).
+    signature = checkpoint.params_signature(ckpt)  # before the experts are read: what the fingerprint is of
     inputs = restore_table_inputs(ckpt, cfg, NamedSharding(mesh, P()))
     fingerprint = lut.fingerprint(inputs)
+    if jax.process_index() == 0:  # so that loading the table with this checkpoint need not read the experts again
+        checkpoint.record_fingerprint(ckpt, fingerprint, signature=signature)
+    resumed = {} if overwrite else lut_writer.interrupted_meta(lut_dir) or {}  # what a resume keeps unless told
+    shard_rows = shard_rows or resumed.get("shard_rows") or lut_writer.default_shard_rows(layout, cfg.vocab_size)
+    if resumed.get("shard_rows") == shard_rows:
+        batch_rows = batch_rows or resumed.get("producer", {}).get("batch_rows")
+    batch_rows = batch_rows or default_batch_rows(cfg, shard_rows)
+    if not isinstance(batch_rows, int) or batch_rows <= 0 or shard_rows % batch_rows:
+        raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of the table's shard_rows {shard_rows}")
     source = {"checkpoint": str(ref.path), "step": ref.step}
-    first = jax.process_index() == 0
     writer = _start_writer(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
-                           overwrite=overwrite, checksum=checksum, source=source)
-    S = writer.shard_rows
-    R = batch_rows or default_batch_rows(cfg, S)
-    if not isinstance(R, int) or R <= 0 or S % R:
-        raise MoleError(f"batch_rows {R} must be a positive divisor of the table's shard_rows {S}")
+                           overwrite=overwrite, checksum=checksum, source=source,
+                           producer={"batch_rows": batch_rows, **producer_settings(devices)})
+    try:
+        _convert(writer, inputs, cfg=cfg, mesh=mesh, verify_rows=verify_rows, progress=progress,
+                 max_inflight=max_inflight_shards)
+    finally:
+        writer.release()
+    return writer.location
 
-    pending = writer.pending_shards()
-    mine = pending[jax.process_index()::jax.process_count()]
+
+def producer_settings(devices) -> dict:
+    """What besides the table's settings may change the computed bits, so a resume must match it: the backend,
+    the device model and the jax version (the compiler). Not the device or process count (tested identical)."""
+    return {"backend": devices[0].platform, "device_kind": devices[0].device_kind, "jax": jax.__version__}
+
+
+def owned_shards(num_shards: int, done: set[int], process: int, processes: int) -> list[int]:
+    """The shards this process computes: shard i belongs to process i % processes (a function of the index only,
+    never of what another process has finished), less those already written."""
+    return [i for i in range(process, num_shards, processes) if i not in done]
+
+
+def _convert(writer: TableWriter, inputs, *, cfg: ModelConfig, mesh: Mesh, verify_rows: int, progress: bool,
+             max_inflight: int) -> None:
+    """Compute this process's missing shards; then process 0 verifies and completes the table."""
+    R = writer.meta["producer"]["batch_rows"]
+    done = writer.done_shards()
+    mine = owned_shards(writer.num_shards, done, jax.process_index(), jax.process_count())
     with jax.default_matmul_precision("highest"):  # true float32 matmuls on GPU/TPU too (no TF32)
         seconds = _compute_shards(writer, inputs, mine, cfg=cfg, batch_rows=R, mesh=mesh, progress=progress,
-                                  max_inflight=max_inflight_shards)
-    run = {"processes": jax.process_count(), "devices_per_process": len(devices), "batch_rows": R,
-           "shards_computed": len(pending), "compute_seconds_process0": seconds}
+                                  max_inflight=max_inflight)
+    run = {"processes": jax.process_count(), "devices_per_process": mesh.devices.size, "batch_rows": R,
+           "shards_computed": writer.num_shards - len(done), "compute_seconds_process0": seconds}
     _barrier("mole-jax-convert-written")
-    if first:
+    if jax.process_index() == 0:
         with jax.default_matmul_precision("highest"):
-            report = _verify_written(writer, inputs, cfg, verify_rows, seed=int(fingerprint[:15], 16))
+            report = _verify_written(writer, inputs, cfg, verify_rows, seed=int(writer.meta["fingerprint"][:15], 16))
         if not report["ok"]:
             raise MoleError(f"verification of {writer.location} failed: max error {report['max_abs_error']:.3g} is "
                             f"{report['max_error_over_allowed']:.3g}x the allowed error; the table stays incomplete")
         writer.mark_complete(report, run=run)
     _barrier("mole-jax-convert-complete")
-    return writer.location
 
 
 def _start_writer(lut_dir, cfg: ModelConfig, scheme: str, fingerprint: str, *, block: int | None,
-                  shard_rows: int | None, overwrite: bool, checksum: bool, source: dict) -> TableWriter:
-    """Process 0 creates, resumes or replaces the table; the other processes open it once it is prepared."""
-    settings = dict(block=block, shard_rows=shard_rows, checksum=checksum, source=source)
-    writer = None
+                  shard_rows: int, overwrite: bool, checksum: bool, source: dict, producer: dict) -> TableWriter:
+    """Process 0 locks and creates, resumes or replaces the table; the other processes open it once it is
+    prepared, adopting its settings (the lock of process 0 covers them: one conversion, one lock)."""
     if jax.process_index() == 0:
-        writer = TableWriter.start(lut_dir, cfg, scheme, fingerprint, overwrite=overwrite, **settings)
+        writer = TableWriter.start(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
+                                   overwrite=overwrite, checksum=checksum, source=source, producer=producer,
+                                   lock=True)
     _barrier("mole-jax-convert-start")
-    if writer is None:
-        writer = TableWriter.start(lut_dir, cfg, scheme, fingerprint, create=False, **settings)
+    if jax.process_index() != 0:
+        writer = TableWriter.start(lut_dir, cfg, scheme, fingerprint, block=block, checksum=checksum, source=source,
+                                   create=False)
     return writer
 
 
@@ -303,11 +341,49 @@ def _verify_written(writer: TableWriter, inputs, cfg: ModelConfig, k: int, seed:
     return {**report, "ids": ids.tolist()}
 
 
-def verify_lut(lut_dir, ckpt, *, rows: int = VERIFY_ROWS, seed: int | None = None) -> dict:
-    """Recompute `rows` random rows of a table from the checkpoint it was built from and compare them with the
-    table. Returns a report ({"ok", "max_abs_error", "max_error_over_allowed", ...}); the fingerprint must match
-    (MoleError otherwise)."""
-    table = lut.open_lut(lut_dir)
+def verify_lut(lut_dir, ckpt=None, *, rows: int = VERIFY_ROWS_PER_SHARD, full: bool = False,
+               seed: int | None = None, progress: bool = False) -> dict:
+    """Check a complete table shard by shard: every shard file present and every row's checksum (each chunk read),
+    and, given the checkpoint it was built from, `rows` random rows per shard (full=True: every row) recomputed
+    and compared with the scheme's bound. Returns a report: "ok", "problems" (one line per bad shard, naming it),
+    "shards", "rows" recomputed, "max_abs_error", "max_error_over_allowed", "seed", "scheme", "fingerprint".
+    MoleError for what is not a complete table, or (given ckpt) not one of this checkpoint's parameters."""
+    if not full and (not isinstance(rows, int) or rows < 1):
+        raise MoleError(f"rows per shard must be a positive integer, got {rows!r}")
+    table = lut.open_lut(lut_dir, allow_missing=True, cache_bytes=0)  # no cache: every chunk comes from storage
+    inputs = _checkpoint_inputs(table, ckpt) if ckpt is not None else None
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2 ** 32)
+    rng = np.random.default_rng(seed)
+    rows_fn = jax.jit(lut_rows_fn(table.config))
+    problems: dict[int, str | None] = {}
+    for i, key in table.missing_shards():
+        start, stop = table.shard_range(i)
+        problems.setdefault(i, f"shard {i} ({key}, rows {start}..{stop - 1}): missing")
+    batch = default_batch_rows(table.config, table.shard_rows) if full else rows  # one compiled shape
+    worst = {"rows": 0, "max_abs_error": 0.0, "max_error_over_allowed": 0.0}
+    for i in tqdm(range(table.num_shards), desc="verify", unit="shard", disable=not progress):
+        problems[i] = problems.get(i) or table.check_shard(i)
+        if problems[i] or inputs is None:
+            continue
+        start, stop = table.shard_range(i)
+        ids = np.arange(start, stop) if full else np.sort(rng.choice(np.arange(start, stop), min(rows, stop - start),
+                                                                     replace=False))
+        with jax.default_matmul_precision("highest"):
+            ref = _recompute(rows_fn, inputs, ids, batch)
+        report = compare_rows(ref, table.rows(ids), table.scheme, table.block)
+        worst = {"rows": worst["rows"] + report["rows"],
+                 **{k: max(worst[k], report[k]) for k in ("max_abs_error", "max_error_over_allowed")}}
+        if not report["ok"]:
+            problems[i] = (f"shard {i} (rows {start}..{stop - 1}): rows differ from the checkpoint's experts by up "
+                           f"to {report['max_error_over_allowed']:.3g}x the allowed error")
+    bad = [line for _, line in sorted(problems.items()) if line]
+    return {"ok": not bad, "problems": bad, "shards": table.num_shards, **worst, "seed": seed,
+            "scheme": table.scheme, "fingerprint": table.fingerprint, "checksum": table.meta.get("checksum")}
+
+
+def _checkpoint_inputs(table: lut.LookupTable, ckpt) -> dict:
+    """The table inputs of `ckpt` (host arrays), refusing a checkpoint of another model or other parameters."""
     cfg, _ = training_form_config(ckpt)
     if cfg.replace(dtype="float32", param_dtype="float32") != table.config.replace(dtype="float32",
                                                                                     param_dtype="float32"):
@@ -317,10 +393,14 @@ def verify_lut(lut_dir, ckpt, *, rows: int = VERIFY_ROWS, seed: int | None = Non
     if fp != table.fingerprint:
         raise MoleError(f"table {table.path} was built from different parameters than {ckpt} (fingerprint "
                         f"{table.fingerprint[:12]}, checkpoint {fp[:12]})")
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % 2 ** 32)
-    ids = _spot_ids(table.shape[0], rows, seed)
-    with jax.default_matmul_precision("highest"):
-        ref = np.asarray(jax.jit(lut_rows_fn(cfg))(inputs, jnp.asarray(ids, jnp.int32)))
-    report = compare_rows(ref, table.rows(ids), table.scheme, table.block)
-    return {**report, "seed": seed, "scheme": table.scheme, "fingerprint": fp}
+    return inputs
+
+
+def _recompute(rows_fn, inputs, ids: np.ndarray, batch: int) -> np.ndarray:
+    """float32 rows of these ids, `batch` at a time (the last batch padded: one compiled shape)."""
+    out = []
+    for s in range(0, len(ids), batch):
+        part = ids[s:s + batch]
+        padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part))])
+        out.append(np.asarray(rows_fn(inputs, jnp.asarray(padded, jnp.int32)))[:len(part)])
+    return np.concatenate(out)

@@ -37,6 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from mole_jax.config import MoleError
 
 DEFAULT = "default"
+TOKEN_COUNTS = "token_counts.npy"  # RUN_DIR/token_counts.npy: how often each id occurs in the training windows
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 _PIECE_CHARS = 1 << 20  # long files are tokenised in pieces of about this many characters, split at newlines
@@ -338,6 +339,20 @@ def read_windows(tokens: np.ndarray, windows: np.ndarray, seq_len: int, vocab_si
     if out.size and int(out.max()) >= vocab_size:
         raise MoleError(f"token id {int(out.max())} in the data is outside the model's vocabulary [0, {vocab_size})")
     return out.astype(np.int32)
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int, *, seq_len: int | None = None,
+                 exclude_windows: np.ndarray | None = None, chunk: int = 1 << 24) -> np.ndarray:
+    """int64 [vocab_size]: how often each id occurs in the token stream, in chunks (a memory-mapped stream is never
+    read whole); with seq_len, only in the input positions of the windows that `exclude_windows` (e.g. the
+    validation windows) does not name. What a device tier of the most frequent ids is ordered by."""
+    stop = tokens.size if seq_len is None else num_windows(tokens.size, seq_len) * seq_len
+    counts_V = np.zeros(vocab_size, np.int64)
+    for start in range(0, stop, chunk):
+        counts_V += np.bincount(np.asarray(tokens[start:min(start + chunk, stop)]), minlength=vocab_size)[:vocab_size]
+    for w in [] if exclude_windows is None or seq_len is None else exclude_windows.tolist():
+        counts_V -= np.bincount(np.asarray(tokens[w * seq_len:(w + 1) * seq_len]), minlength=vocab_size)[:vocab_size]
+    return counts_V
 
 
 class Batches:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from mole_jax.decoder import Decoder, decode_loop
 from mole_jax.lut import LookupTable, fingerprint, open_lut, table_inputs
 from mole_jax.model import ArrayRows, Params, graphdef_and_shapes, without_routed_experts
 from mole_jax.offload import OffloadDecoder
-from mole_jax.row_sources import PLACEMENTS, DeviceTable, next_pow2
+from mole_jax.row_sources import PLACEMENTS, DeviceTable, TieredRows, device_tier, next_pow2
 from mole_jax.sampling import Sampler, positions
 
 
@@ -100,11 +100,12 @@ class LanguageModel:
 
     table: MoLE's lookup table (a `lut.LookupTable`, or any object with its interface) for the inference form,
     kept at `placement`; None runs the model as trained. offload_experts: MoE only, the offloading baseline.
-    overlap: see decoder.Decoder.
+    overlap, tier_K (the ids of a device tier) and speculate: see decoder.Decoder.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
-                 offload_experts: bool = False, overlap: bool | None = None, run_dir: Path | None = None):
+                 offload_experts: bool = False, overlap: bool | None = None, run_dir: Path | None = None,
+                 tier_K: np.ndarray | None = None, speculate: bool = True):
         if placement not in PLACEMENTS:
             raise MoleError(f"unknown LUT placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if table is not None and cfg.kind != "mole":
@@ -120,7 +121,8 @@ class LanguageModel:
         if offload_experts:
             self.decoder = OffloadDecoder(cfg, params)
         else:
-            self.decoder = Decoder(cfg, params, table=table, placement=placement, overlap=overlap)
+            self.decoder = Decoder(cfg, params, table=table, placement=placement, overlap=overlap, tier_K=tier_K,
+                                   speculate=speculate)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         self._logits = jax.jit(partial(_logits, graphdef))
         self._token_logprobs = jax.jit(partial(_token_logprobs, graphdef))
@@ -176,7 +178,8 @@ class LanguageModel:
             return self._token_logprobs(self.params, ids_d, targets_d, dec.device_rows(ids_d))
         if len(self._scoring) == 2:  # the staging buffer about to be refilled was sent two calls ago: done?
             jax.block_until_ready(self._scoring.popleft())
-        rows = dec.source.fetch(ids, next_pow2(len(np.unique(ids))))
+        rows = (dec.source.fetch(ids, ids_d) if isinstance(dec.source, TieredRows)
+                else dec.source.fetch(ids, next_pow2(len(np.unique(ids)))))
         out = self._token_logprobs(self.params, ids_d, targets_d, rows)
         self._scoring.append(out)
         return out
@@ -194,6 +197,8 @@ class LanguageModel:
             raise MoleError(f"top_p must be in (0, 1], got {top_p}")
         if temperature == 0:
             return None
+        # The vocabulary-wide sampler: top-k's candidate count is a static shape (sampling.make_sampler), so
+        # every top_k bucket would trace the step again; generation keeps one trace for all settings.
         return self.decoder.transfers.put(Sampler(np.float32(temperature), np.int32(min(top_k or V, V)),
                                                   np.float32(top_p or 1.0)))
 
@@ -302,32 +307,60 @@ def _check_table_shape(table, cfg: ModelConfig) -> None:
         raise MoleError(f"the lookup table at {table.path} has shape {tuple(table.shape)}; this model needs {want}")
 
 
-def _open_table(table_or_dir, expected_fingerprint: str, what) -> LookupTable:
-    """The table (opened if a location is given), which must have been built from these weights."""
+def _open_table(table_or_dir, expected_fingerprint: str | Callable[[], str], what) -> LookupTable:
+    """The table (opened if a location is given), which must have been built from these weights: its fingerprint
+    must equal `expected_fingerprint` (or what it returns, asked once the table has opened)."""
     table = table_or_dir if isinstance(table_or_dir, LookupTable) else open_lut(table_or_dir)
+    if callable(expected_fingerprint):
+        expected_fingerprint = expected_fingerprint()
     if table.fingerprint != expected_fingerprint:
         raise MoleError(f"the lookup table at {table.path} was built from another checkpoint than {what} "
                         f"(fingerprint {table.fingerprint[:12]} != {expected_fingerprint[:12]})")
     return table
 
 
+def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig) -> str:
+    """lut.fingerprint of a MoLE training-form checkpoint's table inputs: the one recorded beside it when its
+    parameter files are unchanged since (no expert is read), else computed from the experts, read on the host (they
+    never reach the device), and recorded for the next load (checkpoint.record_fingerprint)."""
+    recorded = checkpoint.recorded_fingerprint(path)
+    if recorded is not None:
+        return recorded
+    signature = checkpoint.params_signature(path)
+    _, inputs = checkpoint.restore_params(path, cfg=cfg, as_numpy=True, select=table_inputs)
+    computed = fingerprint(inputs)
+    checkpoint.record_fingerprint(path, computed, signature=signature)
+    return computed
+
+
 def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_experts: bool = False,
-         overlap: bool | None = None) -> LanguageModel:
+         overlap: bool | None = None, device_rows: int | None = None, device_tier_bytes: int | None = None,
+         token_counts=None, speculate: bool = True) -> LanguageModel:
     """Load a checkpoint (a run directory = its latest step, a checkpoints directory, or a step directory).
 
     lut: MoLE only: a lookup table directory (or an opened table) to decode with, in inference form: the routed
         experts never reach the device. An inference-form checkpoint (imported from the authors' `moe_table`)
-        uses RUN_DIR/lut by default. The table must have been built from this checkpoint's weights.
+        uses RUN_DIR/lut by default. The table must have been built from this checkpoint's weights: checked
+        against the fingerprint recorded beside the checkpoint (`checkpoint_fingerprint`), so the experts are read
+        only on the first load after the checkpoint's files were written or changed.
     lut_placement: where the table lives while decoding: "device", "host" (RAM) or "storage" (disk).
     offload_experts: MoE only: keep the routed experts in host memory (the paper's offloading baseline).
     overlap: host/storage placements: overlap the row fetch with block 0 (default: on accelerators; see Decoder).
+    device_rows / device_tier_bytes: host/storage placements: keep the rows of this many of the most frequent ids
+        (or as many as fit these bytes) on the device, ordered by token_counts (see `device_tier`); speculate: see
+        decoder.Decoder.
     """
     if lut_placement not in PLACEMENTS:
         raise MoleError(f"unknown LUT placement {lut_placement!r}: use one of {', '.join(PLACEMENTS)}")
     meta = checkpoint.read_meta(path)
     ref = checkpoint.locate(path)
     cfg = ModelConfig.from_dict(meta["model_config"])
-    kw = dict(placement=lut_placement, offload_experts=offload_experts, overlap=overlap, run_dir=ref.run_dir)
+    kw = dict(placement=lut_placement, offload_experts=offload_experts, overlap=overlap, run_dir=ref.run_dir,
+              speculate=speculate)
+    tier = dict(device_rows=device_rows, device_tier_bytes=device_tier_bytes, token_counts=token_counts)
+    if (device_rows is not None or device_tier_bytes is not None) and (cfg.kind != "mole" or lut is None and
+                                                                        meta.get("has_experts", True)):
+        raise MoleError("a device tier (device_rows, device_tier_bytes) is for MoLE's lookup table: pass lut=LUT_DIR")
     if cfg.kind != "mole":
         if lut is not None:
             raise MoleError(f"{ref.path} is a {cfg.kind} model; a lookup table is only for MoLE")
@@ -342,13 +375,10 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
             lut = ref.run_dir / checkpoint.LUT
         table = _open_table(lut, meta.get("lut_fingerprint", ""), ref.path)
         _, params = checkpoint.restore_params(path, cfg=cfg, with_experts=False)
-        return LanguageModel(cfg, params, table=table, **kw)
+        return LanguageModel(cfg, params, table=table, tier_K=device_tier(table, ref.run_dir, **tier), **kw)
     if lut is None:
         _, params = checkpoint.restore_params(path, cfg=cfg)
         return LanguageModel(cfg, params, **kw)
-    # The experts serve only to check the table: read on the host, they never reach the device.
-    _, inputs = checkpoint.restore_params(path, cfg=cfg, as_numpy=True, select=table_inputs)
-    table = _open_table(lut, fingerprint(inputs), ref.path)
-    del inputs
+    table = _open_table(lut, lambda: checkpoint_fingerprint(ref.path, cfg), ref.path)
     _, params = checkpoint.restore_params(path, cfg=cfg, with_experts=False)
-    return LanguageModel(cfg, params, table=table, **kw)
+    return LanguageModel(cfg, params, table=table, tier_K=device_tier(table, ref.run_dir, **tier), **kw)

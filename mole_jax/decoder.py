@@ -11,6 +11,12 @@ device; the host then reads the ids, fetches their rows while the device works, 
 (`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one call could not
 overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched before the
 host reads step t's tokens.
+
+A device tier (row_sources.TieredRows) finds each token's tier row on the device, so a step whose ids all hit
+needs nothing from the host. With `speculate` (the default) a tiered step is dispatched before the host reads its
+ids whenever the previous step's ids all hit, with no fetched rows; when the host then finds a miss among them,
+the step is redone from its result with the fetched rows: it writes the same KV slot again and samples with the
+same key, so the tokens are those of the unspeculated step, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +32,17 @@ from flax import nnx
 
 from mole_jax.config import ModelConfig, MoleError
 from mole_jax.layers import KVCache
-from mole_jax.model import Mid, Params, empty_cache, graphdef_and_shapes
-from mole_jax.row_sources import DeviceTable, TableRows, Transfers, nbytes, next_pow2, row_source
+from mole_jax.model import Mid, Params, empty_cache, graphdef_and_shapes, per_expert_buffers
+from mole_jax.row_sources import (
+    DeviceTable,
+    TableRows,
+    TierCounts,
+    TieredRows,
+    Transfers,
+    nbytes,
+    next_pow2,
+    row_source,
+)
 from mole_jax.sampling import DecodeState, Sampler, advance, positions
 
 
@@ -37,6 +52,7 @@ class Pending(NamedTuple):
     state: DecodeState
     mid: Mid | None = None  # split steps: block 0's front half
     cache0: KVCache | None = None  # and block 0's updated cache
+    origin: DecodeState | None = None  # a speculated step: the state it started from (its cache donated)
 
 
 class StepDecoder(Protocol):
@@ -87,17 +103,25 @@ class Decoder:
     overlap: for the host and storage placements, split each step in two jitted calls so that the row fetch runs
         while the device computes block 0's front half. Default: on accelerators. On the CPU backend the "device"
         is the host's own cores, so there is nothing idle to overlap with, and each call pays for fresh pages of
-        its large temporaries (XLA's CPU allocator), which a second call doubles.
+        its large temporaries (XLA's CPU allocator), which a second call doubles. Not with a device tier.
+    tier_K: the ids whose rows stay on the device in front of a host or storage table (row_sources.TieredRows).
+    speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit (see the
+        module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, tier_K: np.ndarray | None = None, speculate: bool = True):
         self.config, self.table, self.placement = cfg, table, placement
         self.transfers = Transfers()
+        # CPU: each MoE expert its own buffer, so a step does not copy the experts it runs (a no-op elsewhere)
+        params = per_expert_buffers(cfg, params)
         self.params = self.transfers.put(params) if _on_host(params) else params
-        self.source = None if table is None else row_source(table, placement, self.transfers)
+        self.source = None if table is None else row_source(table, placement, self.transfers, tier_K)
         self.fetching = table is not None and placement != "device"
-        self.split = self.fetching and (jax.default_backend() != "cpu" if overlap is None else overlap)
+        self.tiered = isinstance(self.source, TieredRows)
+        self.speculate, self.redone, self._last_all_hit = speculate and self.tiered, 0, False
+        self.split = self.fetching and not self.tiered and (jax.default_backend() != "cpu" if overlap is None
+                                                            else overlap)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         jit = partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
         self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
@@ -112,8 +136,13 @@ class Decoder:
     @property
     def device_param_bytes(self) -> int:
         """What stays resident on the accelerator: the parameters, and the table when it lives there."""
-        table = self.source.stored if isinstance(self.source, DeviceTable) else None
+        table = self.source.stored if isinstance(self.source, (DeviceTable, TieredRows)) else None
         return nbytes(self.params) + (nbytes(table) if table is not None else 0)
+
+    @property
+    def tier_counts(self) -> TierCounts | None:
+        """A device tier's lookups so far (hits, rows fetched and sent), or None without a tier."""
+        return self.source.counts if self.tiered else None
 
     def device_rows(self, ids_BxT: jax.Array) -> TableRows | None:
         """The rows a step reads when nothing needs fetching: the resident table's, or none (no table)."""
@@ -127,6 +156,9 @@ class Decoder:
         args = dict(greedy=greedy, params=self.params, lengths_B=lengths_d, seed=seed_d, sampler=sampler)
         if not self.fetching:
             return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.device_rows(ids_d))
+        if self.tiered:
+            self._last_all_hit = False  # the first step of a generation waits for its ids
+            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.source.fetch(ids_BxT, ids_d))
         num_rows = next_pow2(len(np.unique(ids_BxT)))  # one batched read of the prompts' distinct ids
         if not self.split:
             return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.source.fetch(ids_BxT, num_rows))
@@ -140,6 +172,10 @@ class Decoder:
             return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
                                       pos_B=state.pos_B, key=state.key, sampler=sampler,
                                       rows=self.device_rows(state.ids_Bx1)))
+        if self.speculate and self._last_all_hit:
+            return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
+                                      pos_B=state.pos_B, key=state.key, sampler=sampler,
+                                      rows=self.source.idle(state.ids_Bx1)), origin=state)
         if not self.split:
             return Pending(state)  # everything waits for the rows
         mid, cache0 = self._front(params=self.params, cache0=state.cache[0], ids_BxT=state.ids_Bx1,
@@ -149,6 +185,8 @@ class Decoder:
     def finish(self, pending: Pending, ids_B: np.ndarray, sampler: Sampler | None, greedy: bool) -> DecodeState:
         if not self.fetching:
             return pending.state
+        if self.tiered:
+            return self._finish_tiered(pending, ids_B, sampler, greedy)
         state = pending.state
         rows = self.source.fetch(ids_B[:, None], len(ids_B))  # a fixed shape: no retrace as the distinct ids vary
         args = dict(greedy=greedy, params=self.params, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B, key=state.key,
@@ -157,6 +195,22 @@ class Decoder:
             return self._step(**args, cache=state.cache)
         new = self._step(**args, cache=state.cache[1:], mid=pending.mid)
         return new._replace(cache=[pending.cache0, *new.cache])
+
+
+    def _finish_tiered(self, pending: Pending, ids_B: np.ndarray, sampler: Sampler | None,
+                       greedy: bool) -> DecodeState:
+        """A tiered step: the speculated one when its ids all hit, else (re)done with its missed rows. A redo starts
+        from the speculated step's cache: only the slot at pos_B differs from the original's, and it is written
+        again before it is read."""
+        origin = pending.origin or pending.state
+        rows = self.source.fetch(ids_B[:, None], origin.ids_Bx1)
+        self._last_all_hit = self.source.all_hit(ids_B)
+        if pending.origin is not None:
+            if self._last_all_hit:
+                return pending.state
+            self.redone += 1
+        return self._step(greedy=greedy, params=self.params, cache=pending.state.cache, ids_Bx1=origin.ids_Bx1,
+                          pos_B=origin.pos_B, key=origin.key, sampler=sampler, rows=rows)
 
 
 def decode_loop(decoder: StepDecoder, state: DecodeState, num_tokens: int, sampler: Sampler | None,

@@ -8,9 +8,11 @@ loader, never by plain unpickling.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -258,6 +260,7 @@ def read_hf_config(src: Path) -> dict:
 
 # Import / export ---------------------------------------------------------------------------------------------
 def _fresh_destination(out: Path, overwrite: bool) -> None:
+    _remove_leftovers(out)  # first: a killed run may have left OUT moved aside
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MoleError(f"destination {out} exists and is not empty (pass overwrite to replace it)")
     if not out.parent.exists():
@@ -269,12 +272,45 @@ def _fresh_destination(out: Path, overwrite: bool) -> None:
 def _publish(tmp: Path, out: Path) -> None:
     """Move a fully written directory into place: OUT never holds a partial result."""
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{socket.gethostname()}")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _build_dir(out: Path) -> Path:
+    """A fresh directory beside OUT to build in, named after this process: `.OUT.partial-PID-HOST-*`."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-{socket.gethostname()}-",
+                                 dir=out.parent))
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a run killed on this host left beside OUT: its build directories are removed; the previous OUT, if
+    the kill came between the two renames of _publish (OUT moved aside, the new one not yet in place), is moved
+    back. Runs of other hosts (a shared filesystem) or still alive are left alone."""
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid, _, host = rest.partition("-")
+        if kind == "partial":
+            host = host.rsplit("-", 1)[0]  # mkdtemp's random suffix has no '-'
+        if kind not in ("partial", "old") or not pid.isdigit() or host != socket.gethostname() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            p.rename(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None, overwrite: bool = False) -> Path:
@@ -294,7 +330,7 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
         raise MoleError(f"{MOE_TABLE} found in a {cfg.kind} checkpoint")
     params = params_from_hf(cfg, tensors.get, tensors.names, with_experts=not inference_form)
     _fresh_destination(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = _build_dir(out)
     try:
         meta_extra = {"has_experts": not inference_form, "source": {"format": "hf", "path": str(src)}}
         if inference_form:
@@ -341,7 +377,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float32", over
     hf_cfg = config_to_hf(cfg, torch_dtype=dtype)
     tensors = params_to_hf(cfg, params, np_dtype)
     _fresh_destination(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = _build_dir(out)
     try:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -8,6 +8,7 @@ that sharding.py maps onto a mesh; nothing here knows about devices.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -86,6 +87,30 @@ def cached_attention(q_BxTxHxK, cache: KVCache, positions_BxT) -> jax.Array:
     return jnp.einsum("bhts,bhsk->bthk", probs_BxHxTxS, v)
 
 
+def attention_impl(requested: str | None, *, backend: str, dtype, head_dim: int) -> str:
+    """The implementation of jax.nn.dot_product_attention to use. None or "auto": cuDNN's fused kernel on GPU for
+    bfloat16/float16 and head dims it takes (a multiple of 8), else XLA's (the only one on CPU and TPU, and the one
+    that computes float32 exactly)."""
+    if requested not in (None, "auto"):
+        return requested
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 else "xla"
+
+
+def causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, requested: str | None = None) -> jax.Array:
+    """Causal self-attention of T tokens among themselves (softmax in float32 in either implementation)."""
+    impl = attention_impl(requested, backend=jax.default_backend(), dtype=q_BxTxHxK.dtype,
+                          head_dim=q_BxTxHxK.shape[-1])
+    if impl == "cudnn" and requested in (None, "auto"):
+        try:
+            return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                                                implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # cuDNN refuses these shapes, this GPU or its own version while tracing: XLA's kernel instead
+        impl = "xla"
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True, implementation=impl)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -107,7 +132,7 @@ class Attention(nnx.Module):
         q = rope(q, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
         k = rope(k, positions_BxT, cfg.rotary_dim, cfg.rope_theta)
         if cache is None:  # positions increase along each row, so "key position <= query position" is causal
-            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+            out_BxTxHxK = causal_attention(q, k, v, cfg.attention_impl)
         else:
             cache = KVCache(_write(cache.k_BxHxSxK, k, positions_BxT[:, 0]),
                             _write(cache.v_BxHxSxK, v, positions_BxT[:, 0]))
@@ -163,20 +188,33 @@ class Experts(nnx.Module):
         return jnp.einsum("mkf,mkfd->md", h_MxKxF * gates_MxK.astype(dt)[:, :, None],
                           self.w_down_NxFxD[...][expert_MxK].astype(dt))
 
-    def skip_idle(self, x_MxD: jax.Array, gates_MxN: jax.Array) -> jax.Array:
+    def skip_idle(self, x_MxD: jax.Array, gates_MxN: jax.Array, *, row_buckets: bool = False) -> jax.Array:
         """Like `mixed`, but an expert that no row chose is skipped (lax.cond at run time): the CPU path for top-k
-        (a decode step reads only the chosen experts' weights)."""
+        (a decode step reads only the chosen experts' weights). row_buckets (decode-sized batches): an expert
+        runs only on the rows that chose it, gathered into the smallest of a few static sizes (M/8, M/4, M/2, M)
+        that holds them (lax.switch), instead of on every row with a zero gate."""
         gates_MxN = gates_MxN.astype(x_MxD.dtype)
         out_MxD = jnp.zeros_like(x_MxD)
+        M = x_MxD.shape[0]
+        sizes = sorted({max(1, M >> s) for s in range(4)}) if row_buckets else [M]
         for n in range(self.num_experts):
-            out_MxD = jax.lax.cond(jnp.any(gates_MxN[:, n] != 0),
-                                   lambda acc, n=n: acc + gates_MxN[:, n:n + 1] * self.expert(n, x_MxD),
-                                   lambda acc: acc, out_MxD)
+            g_M = gates_MxN[:, n]
+            count = jnp.sum(g_M != 0)
+            rows_M = jnp.argsort(g_M == 0, stable=True)  # the rows that chose n first
+
+            def run(acc, C, n=n, g_M=g_M, rows_M=rows_M):
+                rows_C = rows_M[:C]
+                return acc.at[rows_C].add(g_M[rows_C, None] * self.expert(n, x_MxD[rows_C]))
+
+            branches = [lambda acc: acc] + [partial(run, C=C) for C in sizes]
+            which = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.array(sizes), count))
+            out_MxD = jax.lax.switch(which, branches, out_MxD)
         return out_MxD
 
     def ragged(self, x_MxD: jax.Array, expert_MxK: jax.Array, gates_MxK: jax.Array) -> jax.Array:
         """Dropless top-k: sort the M*K assignments by expert and run grouped matmuls (lax.ragged_dot), so each
-        token pays only its K experts. The fast path on GPU/TPU; on CPU ragged_dot is emulated and slow."""
+        token pays only its K experts. The fast path on TPU; on CPU ragged_dot is emulated and slow, and XLA's GPU
+        backend lowers it to a masked dense matmul (every expert on every row; see `grouped`)."""
         M, K = expert_MxK.shape
         N, dt = self.w_up_NxDxF.shape[0], x_MxD.dtype
         flat_expert = expert_MxK.reshape(-1)
@@ -188,3 +226,37 @@ class Experts(nnx.Module):
         ys = jax.lax.ragged_dot(h, self.w_down_NxFxD[...].astype(dt), group_sizes)
         ys = ys * gates_MxK.reshape(-1)[order][:, None].astype(dt)
         return jnp.zeros_like(x_MxD).at[token_of].add(ys)
+
+    def grouped(self, x_MxD: jax.Array, expert_MxK: jax.Array, gates_MxK: jax.Array,
+                tile: int | None = None) -> jax.Array:
+        """Dropless top-k as one batched matmul over tiles of rows, each tile one expert's: the M*K assignments
+        sorted by expert, each expert's rows padded to whole tiles, every tile multiplied by its expert's weights
+        (gathered per tile). Exact, with static shapes: at most M*K/tile + N tiles. The tile (default: a quarter
+        of an expert's mean load) trades padding (at most N tiles of rows) against weight copies (one per tile).
+        GPU training's path: a grouped matmul from batched GEMMs, where lax.ragged_dot would run every expert."""
+        M, K = expert_MxK.shape
+        N, D = self.num_experts, x_MxD.shape[-1]
+        A, dt = M * K, x_MxD.dtype
+        tile = tile or _tile_rows(A // (4 * N))
+        num_tiles = -(-A // tile) + N
+        expert_A = expert_MxK.reshape(-1)
+        order_A = jnp.argsort(expert_A, stable=True)  # assignments by expert
+        sorted_expert_A = expert_A[order_A]
+        rows_N = jnp.bincount(expert_A, length=N).astype(jnp.int32)
+        tiles_N = -(-rows_N // tile)
+        first_tile_N, first_row_N = jnp.cumsum(tiles_N) - tiles_N, jnp.cumsum(rows_N) - rows_N
+        slot_sorted_A = (first_tile_N[sorted_expert_A] * tile + jnp.arange(A, dtype=jnp.int32)
+                         - first_row_N[sorted_expert_A])
+        slot_A = jnp.zeros((A,), jnp.int32).at[order_A].set(slot_sorted_A)  # each assignment's row among the tiles
+        token_R = jnp.full((num_tiles * tile,), M, jnp.int32).at[slot_A].set(jnp.arange(A, dtype=jnp.int32) // K)
+        x_GxTxD = jnp.concatenate([x_MxD, jnp.zeros((1, D), dt)])[token_R].reshape(num_tiles, tile, D)
+        expert_G = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_N), jnp.arange(num_tiles), side="right"), N - 1)
+        h_GxTxF = gelu(jnp.einsum("gtd,gdf->gtf", x_GxTxD, self.w_up_NxDxF[...].astype(dt)[expert_G]))
+        y_RxD = jnp.einsum("gtf,gfd->gtd", h_GxTxF, self.w_down_NxFxD[...].astype(dt)[expert_G]).reshape(-1, D)
+        return jnp.einsum("mk,mkd->md", gates_MxK.astype(dt), y_RxD[slot_A].reshape(M, K, D))
+
+
+def _tile_rows(rows: int) -> int:
+    """Rows per tile of `Experts.grouped`: at least 8, a multiple of 8, of 128 from 128 on (whole GEMM tiles)."""
+    unit = 128 if rows >= 128 else 8
+    return max(8, -(-rows // unit) * unit)

@@ -3,17 +3,23 @@
 A table is a directory (or any Tensorstore kvstore: `memory://`, `gs://bucket/path/`, `s3://...`) holding
 
     lut.json        metadata: format version, model config, fingerprint of the parameters it was built from,
-                    scheme, quantisation block, shard rows, the stored arrays, and `complete` (set only after a
-                    verification pass; a table without it refuses to open)
+                    scheme, quantisation block, shard rows, the stored arrays, the settings that produced the
+                    bits, and `complete` (set only after a verification pass; a table without it refuses to open)
     payload/        zarr3 array, the values (or packed codes) of every row: [V, L, N, D] for float schemes
     scales/         zarr3 array, quantisation scales (int8, nf4, nf3 only)
+    lut.lock        what a converter locks while it runs (lut_writer.TableLock; written by `convert` only)
 
 Every stored array has the vocabulary as its first dimension, so one token id is one contiguous row over all
 layers and experts (the authors' row-major [V, L*N*d] layout). The read chunk is one row; the write chunk is a
 shard of `shard_rows` rows (zarr3 `sharding_indexed` codec), so a table is tens to hundreds of files, not V. No
 compression: the payloads are floats or already-dense codes. A shard file appears only once fully written (the
 kvstore writes a temporary file and renames it), so the set of shard files present *is* the conversion progress.
-The schemes and their error bounds are in schemes.py; writing is lut_writer.py.
+
+A table that opens is whole: `open_lut` lists the shard files once and refuses a table missing any (an
+interrupted copy), naming the first; every row carries a crc32c that each read verifies (and every shard index
+another), so a flipped byte raises an error naming its shard; a chunk missing inside a shard is an error, never
+fill values, and all-zero rows are stored like any other. `LookupTable.check_shard` reads every chunk of a shard
+(`mole-jax lut verify`). The schemes and their error bounds are in schemes.py; writing is lut_writer.py.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from mole_jax.config import ModelConfig, MoleError
 from mole_jax.schemes import Layout
 
 FORMAT = "mole-jax-lut"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a crc32c per row, all-zero rows stored, missing chunks are errors (1: none of these)
 META_KEY = "lut.json"
+LOCK_KEY = "lut.lock"
 READ_CACHE_BYTES = 64 << 20  # shard indexes and recently read rows (a complete table never changes)
 
 # One context for the process, so that `memory://` tables written by convert are seen by open_lut; readers add
@@ -165,6 +172,10 @@ def read_meta(kv: ts.KvStore, where) -> dict | None:
 
 def check_version(meta: dict, where) -> None:
     v = meta.get("format_version")
+    if v == 1:  # rows without checksums, all-zero rows never stored: nothing to tell them from a lost chunk
+        raise MoleError(f"table {where} has format version 1, which has no checksums; this mole-jax reads version "
+                        f"{FORMAT_VERSION}: reconvert it (`mole-jax convert CKPT {where} --overwrite`, or "
+                        "`import-hf --overwrite` for an imported table)")
     if v != FORMAT_VERSION:
         raise MoleError(f"table {where} has format version {v}; this mole-jax reads version {FORMAT_VERSION}")
 
@@ -175,12 +186,16 @@ def layout_from_meta(meta: dict) -> tuple[ModelConfig, Layout]:
 
 
 def array_spec(kv_spec: ts.KvStore.Spec, name: str) -> dict:
-    """The Tensorstore spec of stored array `name` (payload, scales) of the table at kv_spec."""
-    return {"driver": "zarr3", "kvstore": (kv_spec / f"{name}/").to_json()}
+    """The Tensorstore spec of stored array `name` (payload, scales) of the table at kv_spec, for reading and
+    writing alike: a missing chunk is an error, never fill values, and a chunk equal to the fill value (an
+    all-zero row) is stored like any other, so that a whole table has every chunk."""
+    return {"driver": "zarr3", "kvstore": (kv_spec / f"{name}/").to_json(), "fill_missing_data_reads": False,
+            "store_data_equal_to_fill_value": True}
 
 
 def array_metadata(V: int, row_shape: tuple, dtype: np.dtype, shard_rows: int, checksum: bool) -> dict:
-    """zarr3 metadata of a stored array: one row per read chunk, `shard_rows` rows per shard file."""
+    """zarr3 metadata of a stored array: one row per read chunk, `shard_rows` rows per shard file, a crc32c per
+    row (checksum=False only to measure what it costs) and per shard index."""
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}] + ([{"name": "crc32c"}] if checksum else [])
     return {
         "shape": [V, *row_shape],
@@ -196,21 +211,38 @@ def array_metadata(V: int, row_shape: tuple, dtype: np.dtype, shard_rows: int, c
     }
 
 
+def shard_key(name: str, i: int, row_shape: tuple) -> str:
+    """The key of shard i of stored array `name`: zarr3 default chunk keys; the row dims are never split."""
+    return f"{name}/c/{i}" + "/0" * len(row_shape)
+
+
+def _shards_of(kv: ts.KvStore, name: str, row_shape: tuple) -> set[int]:
+    prefix, tail = f"{name}/c/", "/0" * len(row_shape)
+    found = set()
+    for k in kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result():
+        k = k.decode()
+        if k.endswith(tail) and k[len(prefix):-len(tail)].isdigit():
+            found.add(int(k[len(prefix):-len(tail)]))
+    return found
+
+
 def stored_shards(kv: ts.KvStore, layout: Layout) -> set[int]:
     """Indices of the shards present in every stored array. A shard key exists only once its write finished (the
     kvstore writes to a temporary name and renames), so this is the set of durable shards."""
-    done = None
-    for name, (shape, _) in layout.arrays.items():
-        prefix = f"{name}/c/"
-        tail = "/0" * len(shape)  # the row dims are never split: one shard spans them all
-        keys = kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
-        found = set()
-        for k in keys:
-            k = k.decode()
-            if k.endswith(tail) and k[len(prefix):-len(tail)].isdigit():
-                found.add(int(k[len(prefix):-len(tail)]))
-        done = found if done is None else done & found
-    return done or set()
+    found = [_shards_of(kv, name, shape) for name, (shape, _) in layout.arrays.items()]
+    return set.intersection(*found) if found else set()
+
+
+def missing_shards(kv: ts.KvStore, layout: Layout, num_shards: int) -> list[tuple[int, str]]:
+    """(shard index, key) of every shard file absent from the store, in shard order: one listing per array."""
+    present = {name: _shards_of(kv, name, shape) for name, (shape, _) in layout.arrays.items()}
+    return [(i, shard_key(name, i, shape)) for i in range(num_shards)
+            for name, (shape, _) in layout.arrays.items() if i not in present[name]]
+
+
+def error_text(e: Exception) -> str:
+    """A Tensorstore error as one short line (without the source locations it appends)."""
+    return " ".join(str(e).split(" [source locations=")[0].split())
 
 
 def check_row_ids(ids, V: int) -> np.ndarray:
@@ -254,7 +286,8 @@ def read_info(lut_dir) -> dict:
 
 class LookupTable:
     """A complete table, opened for reading. Reads go straight to Tensorstore: one batched integer-array read per
-    stored array, with a cache pool holding shard indexes and recently read rows."""
+    stored array, with a cache pool holding shard indexes and recently read rows. Every read verifies the rows'
+    checksums; a failed read names the shard it failed in."""
 
     def __init__(self, spec: ts.KvStore.Spec, meta: dict, cache_bytes: int):
         self.path = describe(spec)
@@ -266,6 +299,9 @@ class LookupTable:
         self.shape = (self.config.vocab_size, self.layout.L, self.layout.N, self.layout.D)
         self.row_nbytes: int = self.layout.row_nbytes
         self.nbytes: int = self.shape[0] * self.row_nbytes
+        self.shard_rows: int = meta["shard_rows"]
+        self.num_shards = -(-self.shape[0] // self.shard_rows)
+        self._spec = spec
         self._arrays = self._open_arrays(spec, cache_bytes)
 
     def _open_arrays(self, spec: ts.KvStore.Spec, cache_bytes: int) -> dict:
@@ -275,7 +311,7 @@ class LookupTable:
                                     recheck_cached_data="open", recheck_cached_metadata="open").result()
                       for name in self.layout.arrays}
         except ValueError as e:
-            raise MoleError(f"table {self.path} is damaged: {e}") from None
+            raise MoleError(f"table {self.path} is damaged: {error_text(e)}") from None
         for name, (shape, dt) in self.layout.arrays.items():
             a = arrays[name]
             if tuple(a.shape) != (self.shape[0], *shape) or np.dtype(a.dtype.numpy_dtype) != dt:
@@ -286,6 +322,9 @@ class LookupTable:
     def __repr__(self):
         return f"LookupTable({self.path}, {self.scheme}, shape={self.shape}, {self.nbytes / 2**30:.3f} GiB)"
 
+    def shard_range(self, i: int) -> tuple[int, int]:
+        return i * self.shard_rows, min((i + 1) * self.shard_rows, self.shape[0])
+
     def read_stored(self, ids) -> dict[str, np.ndarray]:
         """The stored arrays (payload, scales...) of these rows, each with leading dim len(ids): what decoding
         transfers. Any order, duplicates allowed."""
@@ -295,7 +334,7 @@ class LookupTable:
                 futures = {name: a[ids].read(batch=batch) for name, a in self._arrays.items()}
             return {name: f.result() for name, f in futures.items()}
         except ValueError as e:
-            raise MoleError(f"reading rows of {self.path} failed: {e}") from None
+            raise MoleError(f"reading rows of {self.path} failed: {self._first_damage(ids, e)}") from None
 
     def rows(self, ids) -> np.ndarray:
         """float32 [len(ids), L, N, D]: the routed experts' outputs for these token ids, dequantised."""
@@ -307,16 +346,42 @@ class LookupTable:
             futures = {name: a.read() for name, a in self._arrays.items()}
             return {name: f.result() for name, f in futures.items()}
         except ValueError as e:
-            raise MoleError(f"reading {self.path} failed: {e}") from None
+            raise MoleError(f"reading {self.path} failed: "
+                            f"{self._first_damage(np.arange(self.shape[0]), e)}") from None
 
     def error_bound(self, x_RxLxNxD: np.ndarray) -> np.ndarray:
         return schemes.error_bound(x_RxLxNxD, self.scheme, self.block)
 
+    def check_shard(self, i: int) -> str | None:
+        """Read every row of shard i of every stored array (each row's checksum verified): None if all is well,
+        else one line naming the shard and what is wrong with it."""
+        start, stop = self.shard_range(i)
+        for name, (shape, _) in self.layout.arrays.items():
+            try:
+                self._arrays[name][start:stop].read().result()
+            except ValueError as e:
+                return f"shard {i} ({shard_key(name, i, shape)}, rows {start}..{stop - 1}): {error_text(e)}"
+        return None
 
-def open_lut(lut_dir, *, expect_fingerprint: str | None = None, cache_bytes: int = READ_CACHE_BYTES) -> LookupTable:
-    """Open a complete table. Raises MoleError for a missing location, something that is not a table, an unknown
-    format version, an incomplete table (an interrupted conversion: rerun it), and, given `expect_fingerprint`,
-    a table built from other parameters."""
+    def missing_shards(self) -> list[tuple[int, str]]:
+        """(shard index, key) of every shard file absent from storage (one listing per stored array)."""
+        return missing_shards(open_kvstore(self._spec), self.layout, self.num_shards)
+
+    def _first_damage(self, ids: np.ndarray, e: Exception) -> str:
+        """Why a read of these ids failed: the first of their shards that fails to read on its own."""
+        for i in np.unique(ids // self.shard_rows).tolist():
+            line = self.check_shard(i)
+            if line:
+                return line
+        return error_text(e)  # a failure that rereading does not reproduce (transient storage error)
+
+
+def open_lut(lut_dir, *, expect_fingerprint: str | None = None, cache_bytes: int = READ_CACHE_BYTES,
+             allow_missing: bool = False) -> LookupTable:
+    """Open a complete, whole table. Raises MoleError for a missing location, something that is not a table, an
+    unknown format version, an incomplete table (an interrupted conversion: rerun it), a shard file missing (an
+    incomplete copy; allow_missing=True skips this check, for `lut verify` to report every one), and, given
+    `expect_fingerprint`, a table built from other parameters."""
     spec = kvstore_spec(lut_dir)
     where = describe(spec)
     _, meta = _existing_meta(spec, where)
@@ -331,4 +396,10 @@ def open_lut(lut_dir, *, expect_fingerprint: str | None = None, cache_bytes: int
     if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
         raise MoleError(f"table {where} was built from different parameters (fingerprint "
                         f"{meta['fingerprint'][:12]}, expected {expect_fingerprint[:12]})")
-    return LookupTable(spec, meta, cache_bytes)
+    table = LookupTable(spec, meta, cache_bytes)
+    missing = [] if allow_missing else table.missing_shards()
+    if missing:
+        raise MoleError(f"table {where} is not whole: shard file {missing[0][1]} is missing ({len(missing)} of "
+                        f"{table.num_shards * len(table.layout.arrays)} missing; an interrupted copy?): copy it "
+                        "again or reconvert it")
+    return table

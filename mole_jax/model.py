@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mole_jax.config import ModelConfig
+from mole_jax.config import REMAT_POLICIES, ConfigError, ModelConfig
 from mole_jax.layers import FFN, Attention, Experts, KVCache, RMSNorm, param
 
 
@@ -85,16 +85,40 @@ def moe_aux(logits_MxN: jax.Array, expert_MxK: jax.Array) -> dict[str, jax.Array
             "router_z": jnp.mean(jax.nn.logsumexp(logits_MxN, axis=-1) ** 2)}
 
 
-def _moe_impl(cfg: ModelConfig, num_assignments: int) -> str:
+DECODE_ROWS = 128  # skip's experts run on their chosen rows only up to this many tokens (decode-sized batches)
+
+
+def moe_impl(cfg: ModelConfig, num_assignments: int, backend: str) -> str:
+    """The MoE implementation that runs `num_assignments` (tokens x top_k) on `backend` ("cpu", "gpu", "tpu")."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
-    if jax.default_backend() == "cpu":
+    if backend == "cpu":
         # One matmul per expert, skipped when idle (lax.cond): on CPU a decode token reads only the chosen experts'
         # weights and a training batch needs no weight transposes (docs/design.md).
         return "skip"
     # On accelerators a cond per expert would be a host round trip: gather the few chosen experts' weights when
-    # decoding, else dropless grouped matmuls.
-    return "gather" if num_assignments <= cfg.num_experts else "ragged"
+    # decoding, else dropless grouped matmuls: lax.ragged_dot on TPU; on GPU, where XLA lowers ragged_dot to a
+    # masked dense matmul (every expert on every row), batched GEMMs over tiles of one expert's rows.
+    if num_assignments <= cfg.num_experts:
+        return "gather"
+    return "grouped" if backend == "gpu" else "ragged"
+
+
+def per_expert_buffers(cfg: ModelConfig, params: Params, backend: str | None = None) -> Params:
+    """The routed experts of resident MoE params as one buffer per expert (a tuple of N [D, F] / [F, D] arrays in
+    place of each stacked array), for a backend whose MoE paths run one expert at a time (CPU: `skip`, `dense`).
+    Inside a jitted step, slicing expert n out of the stacked weights is a copy on XLA's CPU backend (a
+    slice_bitcast_fusion of the whole expert before its matmul, for every chosen expert at every step); a buffer of
+    its own is read in place. The values are the same, and so are the logits (tests/test_model.py). Other
+    backends and implementations (gather, ragged, grouped index the stack) get `params` unchanged."""
+    backend = backend or jax.default_backend()
+    if cfg.kind != "moe" or backend != "cpu" or cfg.moe_impl not in ("auto", "skip", "dense"):
+        return params
+    out = dict(params)
+    out["blocks"] = {l: {**b, "experts": {k: tuple(v[n] for n in range(cfg.num_experts))
+                                          for k, v in b["experts"].items()}} if "experts" in b else b
+                     for l, b in params["blocks"].items()}
+    return out
 
 
 class Block(nnx.Module):
@@ -124,7 +148,9 @@ class Block(nnx.Module):
         shared = self.ffn(u_BxTxD) if kind in ("dense", "mole") else None
         if kind == "dense":
             return Mid(h_BxTxD, u_BxTxD, shared, None, None, {}), cache
-        logits = (u_BxTxD @ self.w_router_DxN[...].astype(dt)).astype(jnp.float32)
+        # float32 router logits (accumulated and returned in float32 whatever the compute dtype): the softmax, the
+        # top-k choice and MoE's auxiliary losses read them.
+        logits = jnp.matmul(u_BxTxD, self.w_router_DxN[...].astype(dt), preferred_element_type=jnp.float32)
         if kind == "mole":  # every routed expert, softmax over all N, no auxiliary loss
             return Mid(h_BxTxD, u_BxTxD, shared, jax.nn.softmax(logits, axis=-1).astype(dt), None, {}), cache
         logits_MxN = logits.reshape(-1, logits.shape[-1])
@@ -167,16 +193,38 @@ class Block(nnx.Module):
     def _moe_experts(self, u_BxTxD, expert_MxK, gates_MxK) -> jax.Array:
         B, T, D = u_BxTxD.shape
         u_MxD = u_BxTxD.reshape(B * T, D)
-        impl = _moe_impl(self.cfg, expert_MxK.size)
+        impl = moe_impl(self.cfg, expert_MxK.size, jax.default_backend())
         if impl == "gather":
             f_MxD = self.experts.gathered(u_MxD, expert_MxK, gates_MxK)
         elif impl == "ragged":
             f_MxD = self.experts.ragged(u_MxD, expert_MxK, gates_MxK)
+        elif impl == "grouped":
+            f_MxD = self.experts.grouped(u_MxD, expert_MxK, gates_MxK)
         else:
             gates_MxN = jnp.zeros((B * T, self.cfg.num_experts), u_MxD.dtype).at[
                 jnp.arange(B * T)[:, None], expert_MxK].set(gates_MxK)
-            f_MxD = (self.experts.mixed if impl == "dense" else self.experts.skip_idle)(u_MxD, gates_MxN)
+            f_MxD = (self.experts.mixed(u_MxD, gates_MxN) if impl == "dense" else self.experts.skip_idle(
+                u_MxD, gates_MxN, row_buckets=B * T <= DECODE_ROWS))
         return f_MxD.reshape(B, T, D)
+
+
+def _block_training(block: Block, h_BxTxD, positions_BxT, routed) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One whole block of a training pass (no cache): the residual stream after it and its MoE auxiliaries."""
+    mid, _ = block.front(h_BxTxD, positions_BxT)
+    return block.back(mid, routed), mid.aux
+
+
+def remat_block(policy: str):
+    """`_block_training` rematerialised under a named policy (config.REMAT_POLICIES), or None for "none" (every
+    activation kept for the backward pass). "block" keeps only each block's inputs and recomputes the whole block
+    in the backward pass (the least memory: MaxText's "full"); "dots" also keeps the outputs of the matmuls
+    without batch dimensions (projections, FFNs, router, experts: MaxText's "minimal"), so the backward pass
+    recomputes only elementwise work and attention's [T, T] scores, which it no longer stores."""
+    if policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat policy {policy!r}: use one of {', '.join(REMAT_POLICIES)}")
+    keep = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+    return None if keep is None else nnx.remat(_block_training, policy=keep)
 
 
 class Transformer(nnx.Module):
@@ -219,21 +267,30 @@ class Transformer(nnx.Module):
         return ExpertInput(x0_MxD, x0_UxD, inverse_M.reshape(B, T), num_unique <= dedup_rows)
 
     def layers(self, h_BxTxD, positions_BxT, routed=None, caches: list[KVCache] | None = None, *,
-               resume: Mid | None = None) -> tuple[jax.Array, list[KVCache | None], dict[str, jax.Array]]:
+               resume: Mid | None = None, remat: str = "none"
+               ) -> tuple[jax.Array, list[KVCache | None], dict[str, jax.Array]]:
         """The one loop over the blocks: the hidden state before the final norm, the updated caches and the mean
         MoE auxiliaries. routed: MoLE's routed input (`for_layer(l)`), None for Dense and MoE. caches: one
         KVCache per block whose attention runs here (None: a full causal pass). resume: block 0's front half,
-        already computed (the split decode step); caches then start at block 1, and h_BxTxD is not read."""
+        already computed (the split decode step); caches then start at block 1, and h_BxTxD is not read.
+        remat: training only (no caches, no resume): each block rematerialised under this policy (`remat_block`)."""
+        rematerialised = remat_block(remat)
+        if rematerialised is not None and (caches is not None or resume is not None):
+            raise ValueError("remat is for training passes: no caches, no resumed step")
         caches_in = iter(caches) if caches is not None else None
         new_caches, aux_layers = [], []
         for l, block in enumerate(self.blocks):
+            routed_l = None if routed is None else routed.for_layer(l)
             if l == 0 and resume is not None:
-                mid = resume
+                h_BxTxD, aux = block.back(resume, routed_l), resume.aux
+            elif rematerialised is not None:
+                h_BxTxD, aux = rematerialised(block, h_BxTxD, positions_BxT, routed_l)
+                new_caches.append(None)
             else:
                 mid, cache = block.front(h_BxTxD, positions_BxT, None if caches_in is None else next(caches_in))
                 new_caches.append(cache)
-            h_BxTxD = block.back(mid, None if routed is None else routed.for_layer(l))
-            aux_layers.append(mid.aux)
+                h_BxTxD, aux = block.back(mid, routed_l), mid.aux
+            aux_layers.append(aux)
         aux = {k: jnp.mean(jnp.stack([a[k] for a in aux_layers])) for k in aux_layers[-1]}
         return h_BxTxD, new_caches, aux
 
@@ -247,29 +304,32 @@ class Transformer(nnx.Module):
 
     # Forward passes -----------------------------------------------------------------------------------------------
     def forward(self, ids_BxT, positions_BxT=None, *, caches=None, rows=None, dedup_rows: int = 0, last_B=None,
-                resume: Mid | None = None):
+                resume: Mid | None = None, remat: str = "none"):
         """(logits, caches, aux). rows: MoLE's table rows (`for_layer`); dedup_rows: see __call__; last_B: logits
-        of one position per sequence; resume: continue from block 0's front half (see `layers`)."""
+        of one position per sequence; resume: continue from block 0's front half; remat: see `layers`."""
         B, T = ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x0_BxTxD = self.embed(ids_BxT)  # when resumed with table rows it is unread, and XLA drops it
         routed = self.routed_input(ids_BxT, x0_BxTxD, rows, dedup_rows)
-        h_BxTxD, caches, aux = self.layers(x0_BxTxD, positions_BxT, routed, caches, resume=resume)
+        h_BxTxD, caches, aux = self.layers(x0_BxTxD, positions_BxT, routed, caches, resume=resume, remat=remat)
         return self.head(h_BxTxD, last_B), caches, aux
 
     def __call__(self, ids_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                  cache: list[KVCache] | None = None, lut_BxTxLxNxD: jax.Array | None = None,
-                 dedup_rows: int = 0) -> Output:
+                 dedup_rows: int = 0, remat: str = "none") -> Output:
         """Logits for `ids_BxT`.
 
         positions_BxT: absolute positions (default 0..T-1); with `cache`, where the new keys/values are written.
         lut_BxTxLxNxD: MoLE inference form: the routed experts' outputs for these tokens, from the LUT.
         dedup_rows: MoLE training form: evaluate the routed experts once per distinct token id, with room for this
             many distinct ids (static); a batch with more takes the plain per-token path. 0 disables it.
+        remat: training: recompute each block's activations in the backward pass under this policy (one of
+            config.REMAT_POLICIES; `remat_block`). The values are the same; only memory and time change.
         """
         rows = None if lut_BxTxLxNxD is None else ArrayRows(lut_BxTxLxNxD)
-        logits, caches, aux = self.forward(ids_BxT, positions_BxT, caches=cache, rows=rows, dedup_rows=dedup_rows)
+        logits, caches, aux = self.forward(ids_BxT, positions_BxT, caches=cache, rows=rows, dedup_rows=dedup_rows,
+                                           remat=remat)
         return Output(logits, caches if cache is not None else None, aux)
 
     def lut_rows(self, ids_R: jax.Array) -> jax.Array:

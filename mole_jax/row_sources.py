@@ -6,19 +6,36 @@ dequantized on the device layer by layer (`TableRows.for_layer`). The table live
     host     in host RAM (`HostRows`): the step's distinct ids are gathered into a reused staging buffer
     storage  read from the Tensorstore table (`StorageRows`): one batched read of the distinct ids
 Host and storage sources send the rows of a step in one explicit `device_put` (`Transfers.put`, which counts it).
+A device tier (`TieredRows`) keeps the rows of the most frequent ids on the device in front of host or storage rows:
+a step then fetches only its ids off the tier, and a step whose ids all hit moves nothing.
+
+On accelerators whose JAX device offers the "pinned_host" memory kind, a step's rows are staged through pinned
+(page-locked) host memory on their way (`Transfers`, `pinned="auto"`): the device then copies them by DMA, while a
+put from ordinary pageable numpy goes through the driver's bounce buffers at a fraction of the bandwidth. The host
+table itself stays a numpy array: rows are gathered on the host (np.take), since an array in pinned host memory
+cannot be indexed inside jit (jax issue 34041) and has no writable numpy view. Every put is asynchronous: nothing
+here waits for a transfer, so a step's computation is dispatched right behind its rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
-from mole_jax import schemes
+from mole_jax import data, schemes
+from mole_jax.config import MoleError
 
 PLACEMENTS = ("device", "host", "storage")
+PINNED_MODES = ("auto", "on", "off")
+PINNED_HOST = "pinned_host"  # JAX's memory kind for page-locked host memory
+# "auto" stages a put through pinned memory only within these sizes: below, the second dispatch costs more than the
+# bandwidth saves; above, a one-time bulk put (parameters, a device-resident table) would pin a copy of itself.
+PINNED_MIN_BYTES, PINNED_MAX_BYTES = 1 << 18, 1 << 28
 
 
 def nbytes(tree) -> int:
@@ -29,15 +46,57 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-class Transfers:
-    """The one way onto the device: explicit `device_put`s, with the bytes counted."""
+def memory_kinds(device) -> tuple[str, ...]:
+    """The memory kinds a JAX device addresses ("device", "pinned_host", "unpinned_host", ...)."""
+    return tuple(m.kind for m in device.addressable_memories())
 
-    def __init__(self):
+
+class Transfers:
+    """The one way onto the device: explicit, asynchronous `device_put`s, with the bytes counted.
+
+    pinned: "auto" stages the host arrays of a put through pinned host memory on an accelerator that offers it
+        (puts of PINNED_MIN_BYTES to PINNED_MAX_BYTES: a step's rows, offloaded experts), "on" stages every put
+        wherever the device offers "pinned_host" (the CPU backend included, where it only adds a copy), "off"
+        never. The values moved are the same bits either way. `set_pinned` changes the mode of a live source.
+    """
+
+    def __init__(self, pinned: str = "auto", device=None):
         self.bytes_sent = 0
+        self.device = device if device is not None else jax.devices()[0]
+        self.set_pinned(pinned)
+
+    def set_pinned(self, mode: str) -> None:
+        if mode not in PINNED_MODES:
+            raise MoleError(f"unknown pinned staging mode {mode!r}: use one of {', '.join(PINNED_MODES)}")
+        offered = PINNED_HOST in memory_kinds(self.device)
+        if mode == "on" and not offered:
+            raise MoleError(f"pinned staging: the {self.device.platform} device offers no {PINNED_HOST!r} memory "
+                            f"(its memory kinds: {', '.join(memory_kinds(self.device))})")
+        self.mode = mode
+        use = offered and (mode == "on" or (mode == "auto" and self.device.platform != "cpu"))
+        self.pinned = SingleDeviceSharding(self.device, memory_kind=PINNED_HOST) if use else None
+        self.target = SingleDeviceSharding(self.device)
+
+    def stages(self, num_bytes: int) -> bool:
+        """Whether a put of this many bytes goes through pinned host memory."""
+        if self.pinned is None:
+            return False
+        return self.mode == "on" or PINNED_MIN_BYTES <= num_bytes <= PINNED_MAX_BYTES
+
+    def stage(self, arrays: list) -> list:
+        """Host arrays -> the same values in pinned host memory (one asynchronous put)."""
+        return jax.device_put(arrays, self.pinned)
 
     def put(self, tree):
-        self.bytes_sent += nbytes(tree)
-        return jax.device_put(tree)
+        num_bytes = nbytes(tree)
+        self.bytes_sent += num_bytes
+        if not self.stages(num_bytes):
+            return jax.device_put(tree)
+        leaves, treedef = jax.tree.flatten(tree)
+        on_host = [isinstance(x, (np.ndarray, np.generic)) for x in leaves]
+        staged = iter(self.stage([x for x, host in zip(leaves, on_host) if host]))
+        moved = jax.device_put([next(staged) if host else x for x, host in zip(leaves, on_host)], self.target)
+        return jax.tree.unflatten(treedef, moved)
 
 
 @jax.tree_util.register_dataclass
@@ -96,10 +155,16 @@ class _FetchedRows:
         self.table, self.scheme, self.transfers = table, table.scheme, transfers
         self.staging = _Staging(table)
 
+    def read(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored rows of `ids` in new host arrays."""
+        out = {k: np.empty((len(ids), *shape), dt) for k, (shape, dt) in self.staging.form.items()}
+        self._read_into(ids, out)
+        return out
+
     def fetch(self, ids: np.ndarray, num_rows: int) -> TableRows:
         """The stored rows of the distinct ids of `ids` (padded to `num_rows` rows, so the step's shapes do not
         change as the number of distinct ids does) and each token's row among them, in one put."""
-        unique_U, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        unique_U, inverse = distinct(ids.reshape(-1))
         out = self.staging.buffer(num_rows)
         self._read_into(unique_U, {k: v[:len(unique_U)] for k, v in out.items()})
         stored, index = self.transfers.put((out, inverse.reshape(ids.shape).astype(np.int32)))
@@ -129,6 +194,149 @@ class StorageRows(_FetchedRows):
             out[k][...] = v
 
 
-def row_source(table, placement: str, transfers: Transfers):
-    """The rows of `table` kept at `placement`: a DeviceTable, HostRows or StorageRows."""
-    return {"device": DeviceTable, "host": HostRows, "storage": StorageRows}[placement](table, transfers)
+def distinct(ids_M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(ids_M, return_inverse=True), without its sort when there is one id (a batch-1 step)."""
+    if ids_M.size == 1:
+        return ids_M.astype(np.int64), np.zeros(1, np.int64)
+    return np.unique(ids_M, return_inverse=True)
+
+
+def tier_ids(counts_V: np.ndarray | None, num_rows: int, vocab_size: int) -> np.ndarray:
+    """The `num_rows` most frequent ids (ties: the lower id first), sorted; without counts, the lowest ids (a BPE
+    vocabulary numbers its merges in the order it learned them, most frequent first)."""
+    if counts_V is None:
+        return np.arange(num_rows, dtype=np.int64)
+    return np.sort(np.argsort(-np.asarray(counts_V, np.int64), kind="stable")[:num_rows])
+
+
+def device_tier(table, run_dir: Path | None, *, device_rows: int | None = None,
+                device_tier_bytes: int | None = None, token_counts=None) -> np.ndarray | None:
+    """The ids of a device tier: the `device_rows` most frequent (or as many rows as fit `device_tier_bytes`),
+    ordered by `token_counts` (int [V], or a .npy file of them), by default the run's RUN_DIR/token_counts.npy;
+    without counts, the lowest ids. None: no tier."""
+    if device_rows is None and device_tier_bytes is None:
+        return None
+    if device_rows is not None and device_tier_bytes is not None:
+        raise MoleError("give a device tier's size as rows or as bytes, not both")
+    V = table.shape[0]
+    rows = device_rows if device_rows is not None else int(device_tier_bytes) // table.row_nbytes
+    if isinstance(rows, bool) or not 1 <= rows:
+        raise MoleError(f"a device tier needs at least one row; got {rows} (a row is {table.row_nbytes:,} bytes)")
+    if token_counts is None and run_dir is not None and (Path(run_dir) / data.TOKEN_COUNTS).is_file():
+        token_counts = Path(run_dir) / data.TOKEN_COUNTS
+    if isinstance(token_counts, (str, Path)):
+        token_counts = np.load(token_counts, allow_pickle=False)
+    if token_counts is not None and np.shape(token_counts) != (V,):
+        raise MoleError(f"token counts have shape {np.shape(token_counts)}; the table's vocabulary needs ({V},)")
+    return tier_ids(token_counts, min(rows, V), V)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TieredTableRows:
+    """A step's rows from a device tier and from the rows fetched for its misses. Each token's slot in the tier is
+    looked up on the device from its id, so a step whose ids all hit needs nothing from the host; a miss takes its
+    row among `fetched`. Selecting stored bits before dequantizing keeps every row bit for bit the table's."""
+
+    tier: dict[str, jax.Array]  # [K, L, ...] the tier's stored rows
+    slot_V: jax.Array  # int32 [V]: each id's row in the tier, -1 off it
+    fetched: dict[str, jax.Array]  # [R, L, ...] the step's missed rows (any values when nothing missed)
+    fetched_index_BxT: jax.Array  # each missed token's row among `fetched` (any value for a hit)
+    ids_BxT: jax.Array
+    scheme: str = dataclasses.field(metadata={"static": True})
+
+    def for_layer(self, l: int) -> jax.Array:
+        B, T = self.ids_BxT.shape
+        slot_M = self.slot_V[self.ids_BxT.reshape(-1)]
+        hit_M = slot_M >= 0
+        tier_M, fetched_M = jnp.maximum(slot_M, 0), self.fetched_index_BxT.reshape(-1)
+        picked = {}
+        for k, v in self.tier.items():
+            from_tier, from_fetched = v[tier_M, l:l + 1], self.fetched[k][fetched_M, l:l + 1]
+            picked[k] = jnp.where(hit_M.reshape(-1, *[1] * (v.ndim - 1)), from_tier, from_fetched)
+        rows_Mx1xNxD = schemes.dequantize(picked, self.scheme, xp=jnp)
+        return rows_Mx1xNxD.reshape(B, T, *rows_Mx1xNxD.shape[2:])
+
+
+_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))  # made on the device: no host -> device transfer
+
+
+@dataclasses.dataclass
+class TierCounts:
+    """What a device tier saw: tokens looked up, tokens found on the tier, distinct missed rows fetched, rows sent
+    (the fetched rows padded to a power of two), and steps whose rows were fetched."""
+    tokens: int = 0
+    hits: int = 0
+    rows_fetched: int = 0
+    rows_sent: int = 0
+    fetches: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.tokens, 1)
+
+
+class TieredRows:
+    """The rows of ids `tier_K` resident on the device (read once from `misses`, a HostRows or StorageRows) in
+    front of `misses` for every other id. `fetch` moves only a step's missed rows; when every id hits it moves
+    nothing and the step reads a resident placeholder instead of fetched rows."""
+
+    def __init__(self, table, transfers: Transfers, *, misses: _FetchedRows, tier_K: np.ndarray):
+        self.scheme, self.transfers, self.misses = table.scheme, transfers, misses
+        V = table.shape[0]
+        self.ids_K = np.asarray(tier_K, np.int64)
+        self.slot_V = np.full(V, -1, np.int32)
+        self.slot_V[self.ids_K] = np.arange(len(self.ids_K), dtype=np.int32)
+        self.tier, self.slot_V_device = transfers.put((misses.read(self.ids_K), self.slot_V))
+        self.counts = TierCounts()
+        self._idle: dict[tuple, tuple] = {}
+
+    @property
+    def stored(self) -> dict[str, jax.Array]:
+        """What stays on the device: the tier's rows (and the id -> slot map, counted by `nbytes`)."""
+        return {**self.tier, "slot_V": self.slot_V_device}
+
+    def all_hit(self, ids: np.ndarray) -> bool:
+        return bool((self.slot_V[ids.reshape(-1)] >= 0).all())
+
+    def idle(self, ids_device: jax.Array) -> TieredTableRows:
+        """The rows of a step whose ids all hit: no fetched rows (a device-resident placeholder row), nothing sent.
+        The placeholders are made on the device, so creating them moves nothing from the host."""
+        shape = tuple(ids_device.shape)
+        if shape not in self._idle:
+            fetched = {k: _zeros((1, *v.shape[1:]), v.dtype) for k, v in self.tier.items()}
+            self._idle[shape] = fetched, _zeros(shape, np.dtype(np.int32))
+        fetched, index = self._idle[shape]
+        return TieredTableRows(self.tier, self.slot_V_device, fetched, index, ids_device, self.scheme)
+
+    def fetch(self, ids: np.ndarray, ids_device: jax.Array) -> TieredTableRows:
+        """The rows of `ids` (host copy of `ids_device`): the missed distinct ids' rows, padded to a power of two
+        rows (a few step shapes, not one per count), in one put; nothing when every id hits."""
+        flat_M = ids.reshape(-1)
+        miss_M = self.slot_V[flat_M] < 0
+        c = self.counts
+        c.tokens += flat_M.size
+        c.hits += int(flat_M.size - miss_M.sum())
+        if not miss_M.any():
+            return self.idle(ids_device)
+        unique_U, inverse = distinct(flat_M[miss_M])
+        num_rows = next_pow2(len(unique_U))
+        out = self.misses.staging.buffer(num_rows)
+        self.misses._read_into(unique_U, {k: v[:len(unique_U)] for k, v in out.items()})
+        index_M = np.zeros(flat_M.shape, np.int32)
+        index_M[miss_M] = inverse
+        c.rows_fetched, c.rows_sent, c.fetches = c.rows_fetched + len(unique_U), c.rows_sent + num_rows, c.fetches + 1
+        fetched, index = self.transfers.put((out, index_M.reshape(ids.shape)))
+        return TieredTableRows(self.tier, self.slot_V_device, fetched, index, ids_device, self.scheme)
+
+
+def row_source(table, placement: str, transfers: Transfers, tier_K: np.ndarray | None = None):
+    """The rows of `table` kept at `placement`: a DeviceTable, HostRows or StorageRows; with `tier_K` (host or
+    storage), the rows of those ids on the device in front of them (TieredRows)."""
+    source = {"device": DeviceTable, "host": HostRows, "storage": StorageRows}[placement](table, transfers)
+    if tier_K is None:
+        return source
+    if placement == "device":
+        raise MoleError("a device tier is for a table at the host or storage placement: the device placement "
+                        "already holds every row")
+    return TieredRows(table, transfers, misses=source, tier_K=tier_K)

@@ -29,14 +29,17 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mole_jax import checkpoint, data, sharding
-from mole_jax.config import ModelConfig, MoleError, TrainConfig
+from mole_jax.config import TRAINABLE, ModelConfig, MoleError, TrainConfig
 from mole_jax.evaluation import Evaluator, evaluate  # evaluate: README's `from mole_jax.train import train, evaluate`
 from mole_jax.train_step import ShardedStep, TrainState, choose_dedup_rows
 
-__all__ = ["train", "evaluate", "RunResult", "initialize_distributed", "RUN_CONTROL", "IMPLEMENTATION"]
+__all__ = ["train", "evaluate", "run_model", "RunResult", "initialize_distributed", "RUN_CONTROL",
+           "IMPLEMENTATION"]
 
-# TrainConfig fields that may change when a run is resumed: they steer the loop, not the trajectory.
-RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "dedup")
+# TrainConfig fields that may change when a run is resumed: they steer the loop, not the trajectory. `steps` only
+# says where the run stops: the learning-rate schedule spans `schedule_steps`, fixed when the run starts.
+RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "dedup",
+               "remat")
 # ModelConfig fields that choose an implementation, not parameters: a run may resume on other hardware with others.
 IMPLEMENTATION = ("dtype", "moe_impl", "attention_impl")
 
@@ -67,8 +70,15 @@ def _checked_mesh(cfg: ModelConfig, tc: TrainConfig, devices: int | None) -> Mes
                         if tc.seq_len > 0 else f"sequence length must be positive, got {tc.seq_len}")
     if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
         raise MoleError("steps, batch size and grad accumulation must be positive")
+    if tc.schedule_steps is not None and tc.schedule_steps < 1:
+        raise MoleError(f"schedule steps must be positive, got {tc.schedule_steps}")
     if tc.batch_size % tc.grad_accum:
         raise MoleError(f"batch size {tc.batch_size} is not divisible by grad accumulation {tc.grad_accum}")
+    if tc.trainable not in TRAINABLE:
+        raise MoleError(f"unknown --train {tc.trainable!r}: use one of {', '.join(TRAINABLE)}")
+    if tc.trainable == "new" and cfg.kind != "mole":
+        raise MoleError(f"--train new trains MoLE's routed experts, expert norms and routers; a {cfg.kind} model has "
+                        "none: use --train all")
     mesh = sharding.make_mesh(devices)
     if tc.batch_size // tc.grad_accum % mesh.size:
         raise MoleError(f"{tc.batch_size // tc.grad_accum} sequences per micro-batch cannot be split over "
@@ -84,10 +94,22 @@ def _previous_run(out: Path, cfg: ModelConfig, tc: TrainConfig, preset: str | No
     if out.is_dir() and not previous and any(out.iterdir()):
         raise MoleError(f"{out} exists and is not a mole-jax run directory: choose another --out")
     if previous:
-        if "train_config" not in previous:
+        if "train_config" in previous:
+            _check_resumable(out, previous, cfg, tc, preset)
+        elif "upcycled_from" in previous:  # not trained yet: it starts from its step-0 parameters (upcycling.py)
+            _check_same_model(out, previous, cfg, preset)
+        else:
             raise MoleError(f"{out} holds a run that was not trained here (an import): choose another --out")
-        _check_resumable(out, previous, cfg, tc, preset)
     return previous
+
+
+def run_model(out: str | Path) -> tuple[ModelConfig, str | None]:
+    """The model config and preset name of the run in `out`: what `mole-jax train --out OUT` trains."""
+    out = Path(out).expanduser().absolute()
+    run = checkpoint.read_run(out) if out.is_dir() else {}
+    if "model_config" not in run:
+        raise MoleError(f"{out} holds no run to continue: pass --preset to start one")
+    return ModelConfig.from_dict(run["model_config"]), run.get("preset")
 
 
 def _differences(old: dict, new: dict, ignore=()) -> list[str]:
@@ -97,14 +119,30 @@ def _differences(old: dict, new: dict, ignore=()) -> list[str]:
 
 def _check_resumable(out: Path, run: dict, cfg: ModelConfig, tc: TrainConfig, preset: str | None) -> None:
     """An existing OUT may only be continued by the same run: same model, same optimisation and data settings."""
+    _check_same_model(out, run, cfg, preset)
+    old = run.get("train_config", {})
+    diff = _differences(old, tc.to_dict(), RUN_CONTROL + ("schedule_steps",))
+    if diff:
+        raise MoleError(f"{out} holds a run with other training settings ({'; '.join(diff)}): choose another --out")
+    horizon = old.get("schedule_steps") or old.get("steps")  # a run.json without schedule_steps: it was steps
+    if horizon != tc.schedule_steps:
+        raise MoleError(f"{out} holds a run whose learning-rate schedule spans {horizon} steps; this would make it "
+                        f"{tc.schedule_steps} and change the learning rate from the resume step on: to extend the "
+                        f"run add --schedule-steps {horizon} (later steps train at its final rate), or choose "
+                        "another --out")
+
+
+def _check_same_model(out: Path, run: dict, cfg: ModelConfig, preset: str | None) -> None:
     if preset and run.get("preset") and run["preset"] != preset:
         raise MoleError(f"{out} holds a run of preset {run['preset']}, not {preset}: choose another --out")
     diff = _differences(run.get("model_config", {}), cfg.to_dict(), IMPLEMENTATION)
     if diff:
         raise MoleError(f"{out} holds a run of another model ({'; '.join(diff)}): choose another --out")
-    diff = _differences(run.get("train_config", {}), tc.to_dict(), RUN_CONTROL)
-    if diff:
-        raise MoleError(f"{out} holds a run with other training settings ({'; '.join(diff)}): choose another --out")
+
+
+def _fixed_schedule(tc: TrainConfig) -> TrainConfig:
+    """The config with its schedule's horizon written out (None: the run's steps), as run.json records it."""
+    return dataclasses.replace(tc, schedule_steps=tc.schedule_steps or tc.steps)
 
 
 def _check_same_data(out: Path, run: dict, desc: dict) -> None:
@@ -149,18 +187,27 @@ def _open_run(cfg: ModelConfig, tc: TrainConfig, out: Path, mesh: Mesh, corpus: 
 
 
 def _write_run_directory(run: _Run, previous: dict[str, Any], preset: str | None) -> None:
-    """run.json (rewritten at every start: the device and process counts may change) and the tokenizer."""
+    """run.json (rewritten at every start: the device and process counts may change), the tokenizer and the
+    training windows' token counts."""
     run.out.mkdir(parents=True, exist_ok=True)
     record = {"format": checkpoint.FORMAT, "preset": preset or previous.get("preset"),
               "model_config": run.cfg.to_dict(), "train_config": run.tc.to_dict(),
               "data": previous.get("data", run.corpus.description), "dedup": run.dedup, "devices": run.mesh.size,
               "processes": jax.process_count(), "val_windows": int(run.val_windows.size),
               "train_windows": int(run.batches.windows.size)}
+    if "upcycled_from" in previous:  # where the run's starting parameters came from (upcycling.py)
+        record["upcycled_from"] = previous["upcycled_from"]
     checkpoint.write_json_atomic(run.out / checkpoint.RUN_FILE, record)
     if run.corpus.tokenizer is not None and not (run.out / checkpoint.TOKENIZER).is_file():
         tmp = run.out / (checkpoint.TOKENIZER + ".tmp")
         run.corpus.tokenizer.save(str(tmp))
         tmp.replace(run.out / checkpoint.TOKENIZER)
+    if not (run.out / data.TOKEN_COUNTS).is_file():  # what a decode's device tier is ordered by (decode.load)
+        counts_V = data.token_counts(run.corpus.tokens, run.cfg.vocab_size, seq_len=run.tc.seq_len,
+                                     exclude_windows=run.val_windows)
+        with open(run.out / (data.TOKEN_COUNTS + ".tmp"), "wb") as f:
+            np.save(f, counts_V)
+        (run.out / (data.TOKEN_COUNTS + ".tmp")).replace(run.out / data.TOKEN_COUNTS)
 
 
 @dataclasses.dataclass
@@ -184,19 +231,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     devices: how many devices to use (default: all). preset: the preset's name, recorded in run.json.
     on_step(step, metrics): called on every process after each step's metrics are read (one step late).
     Rerunning the same call on the same `out` resumes from the latest checkpoint; the batches are a pure function
-    of (seed, step), so the resumed run is the uninterrupted run. Bad input raises MoleError before anything
-    is written.
+    of (seed, step), so the resumed run is the uninterrupted run. `steps` may change on resume; the learning-rate
+    schedule's horizon (`schedule_steps`, default `steps`) is fixed when the run starts, and a resume that would
+    change it is refused. Bad input raises MoleError before anything is written.
     """
-    cfg, tc, out = model_cfg, train_cfg, Path(out).expanduser().absolute()
-    mesh = _checked_mesh(cfg, tc, devices)
+    cfg, out = model_cfg, Path(out).expanduser().absolute()
+    mesh = _checked_mesh(cfg, train_cfg, devices)
+    tc = _fixed_schedule(train_cfg)
     previous = _previous_run(out, cfg, tc, preset)
-    if previous:  # resuming: the run's own tokenizer and data unless told otherwise
+    if previous:  # resuming: the run's own tokenizer and data (an upcycle's: its Dense run's) unless told otherwise
         if tokenizer is None and (out / checkpoint.TOKENIZER).is_file():
             tokenizer = out / checkpoint.TOKENIZER
-        if data_source is None and previous["data"]["kind"] != "default":
-            data_source = data.recorded_source(previous["data"])
+        recorded = previous.get("data") or previous.get("upcycled_from", {}).get("data")
+        if data_source is None and recorded and recorded["kind"] != "default":
+            data_source = data.recorded_source(recorded)
+        if tokenizer is None and not data.is_token_source(data_source):  # a new BPE would not match its embedding
+            raise MoleError(f"{out} holds a trained model without its tokenizer.json: pass its --tokenizer or a "
+                            "token file (.bin) as --data")
     corpus = data.open_corpus(data_source, vocab_size=cfg.vocab_size, tokenizer=tokenizer)
-    if previous:
+    if "data" in previous:
         _check_same_data(out, previous, corpus.description)
     run = _open_run(cfg, tc, out, mesh, corpus)
     if run.lead:
@@ -301,6 +354,10 @@ class _Loop:
         self.log = _MetricsLog(run, mngr, start, progress=progress)
 
     def _initial_state(self) -> TrainState:
+        if not self.start and self.mngr.latest_step() == 0:  # the run starts from given parameters (upcycling.py)
+            _, params = checkpoint.restore_params(self.run.out / checkpoint.CHECKPOINTS / "0", cfg=self.run.cfg,
+                                                  shardings=self.step.shardings.params)
+            return self.step.state_from_params(params)
         if not self.start:
             return self.step.init_state(self.run.tc.seed)
         params, opt_state = checkpoint.restore_train_state(self.mngr, self.start, self.step.abstract_state())

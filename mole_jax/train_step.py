@@ -8,7 +8,8 @@ jit from the plain params dict with `nnx.merge`. `ShardedStep` builds that and c
 
 MoLE's routed experts read the embedding row of a token, a function of its id alone, so with `dedup` they run once
 per distinct id of each device's share of a micro-batch (static capacity U from `choose_dedup_rows`; an exact
-fallback beyond it). See docs/training.md.
+fallback beyond it). `TrainConfig.remat` recomputes each block's activations in the backward pass under a named
+policy (model.remat_block); prefill and decoding never rematerialise. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -25,20 +26,22 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mole_jax import data, sharding
-from mole_jax.config import ModelConfig, MoleError, TrainConfig
-from mole_jax.model import Params, graphdef_and_shapes, init_params
+from mole_jax.config import TRAINABLE, ModelConfig, MoleError, TrainConfig
+from mole_jax.model import Params, graphdef_and_shapes, init_params, remat_block
 
 
 # Optimizer ----------------------------------------------------------------------------------------------------
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Linear warmup to the peak over warmup_frac of the steps (the first update already gets peak/warmup), then
-    cosine decay to final_lr_frac * peak at the last step: the paper's recipe."""
-    warmup = max(1, round(tc.warmup_frac * tc.steps))
+    """Linear warmup to the peak over warmup_frac of the schedule's steps (the first update already gets
+    peak/warmup), then cosine decay to final_lr_frac * peak at its last step, the paper's recipe; past it, the final
+    rate. The schedule spans schedule_steps (fixed when a run starts), by default steps."""
+    horizon = tc.schedule_steps or tc.steps
+    warmup = max(1, round(tc.warmup_frac * horizon))
     peak, final = tc.peak_lr, tc.peak_lr * tc.final_lr_frac
 
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
-        progress = jnp.clip((count - warmup) / max(1, tc.steps - warmup), 0.0, 1.0)
+        progress = jnp.clip((count - warmup) / max(1, horizon - warmup), 0.0, 1.0)
         cosine = final + 0.5 * (peak - final) * (1.0 + jnp.cos(jnp.pi * progress))
         return jnp.where(count < warmup, peak * (count + 1) / warmup, cosine)
 
@@ -51,10 +54,35 @@ def decay_mask(params: Params) -> Params:
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+# MoLE's routed part: what an upcycle adds to a Dense model (upcycling.py), and all that trainable="new" trains.
+NEW_PARAMS = ("experts", "norm_expert", "w_router_DxN")
+
+
+def param_labels(params: Params) -> Params:
+    """"new" for each leaf of MoLE's routed part (under one of NEW_PARAMS), "backbone" for every other leaf."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "new" if any(getattr(k, "key", None) in NEW_PARAMS for k in path) else "backbone", params)
+
+
+def trained_leaves(tree: Params, trainable: str) -> list:
+    """The leaves of a params-shaped tree (params, gradients) that `trainable` ("all" or "new") updates."""
+    if trainable == "all":
+        return jax.tree.leaves(tree)
+    return [x for x, label in zip(jax.tree.leaves(tree), jax.tree.leaves(param_labels(tree))) if label == "new"]
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
+    """AdamW after global-norm clipping. trainable="new": an optax partition in which only the routed part gets
+    that optimizer (its clipping sees only the routed part's gradients) and the backbone's updates are zeros; the
+    backbone has no optimizer state at all (optax.MaskedNode where its moments would be)."""
+    if tc.trainable not in TRAINABLE:
+        raise MoleError(f"unknown trainable {tc.trainable!r}: use one of {', '.join(TRAINABLE)}")
+    tx = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask))
+    if tc.trainable == "all":
+        return tx
+    return optax.multi_transform({"new": tx, "backbone": optax.set_to_zero()}, param_labels)
 
 
 # The step -----------------------------------------------------------------------------------------------------
@@ -73,11 +101,13 @@ def cross_entropy_BxT(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Ar
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def loss_fn(params: Params, graphdef, cfg: ModelConfig, tokens_BxT1: jax.Array, dedup_rows: int = 0):
+def loss_fn(params: Params, graphdef, cfg: ModelConfig, tokens_BxT1: jax.Array, dedup_rows: int = 0, *,
+            remat: str = "none"):
     """Mean next-token cross-entropy (float32) plus, for MoE, the load-balance and router z-losses with the
-    config's coefficients. Returns (objective, metrics); metrics["loss"] is the cross-entropy alone."""
+    config's coefficients. Returns (objective, metrics); metrics["loss"] is the cross-entropy alone. remat: the
+    blocks' rematerialisation policy (model.remat_block): same values, less memory held for the backward pass."""
     ids_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
-    out = nnx.merge(graphdef, params)(ids_BxT, dedup_rows=dedup_rows)
+    out = nnx.merge(graphdef, params)(ids_BxT, dedup_rows=dedup_rows, remat=remat)
     ce = jnp.mean(cross_entropy_BxT(out.logits_BxTxV, targets_BxT))
     metrics = {"loss": ce, **out.aux}
     objective = ce
@@ -105,19 +135,21 @@ def unique_metrics(ids_BxT: jax.Array, groups: int, dedup_rows: int) -> dict[str
     return metrics
 
 
-def make_grad_fn(cfg: ModelConfig, *, dedup_rows: int = 0, mesh: Mesh | None = None) -> Callable:
-    """(params, tokens_BxT1) -> ((objective, metrics), grads) for one micro-batch.
+def make_grad_fn(cfg: ModelConfig, *, dedup_rows: int = 0, mesh: Mesh | None = None,
+                 remat: str = "none") -> Callable:
+    """(params, tokens_BxT1) -> ((objective, metrics), grads) for one micro-batch. remat: see loss_fn.
 
     dedup_rows: MoLE's distinct-id capacity U per device share of the micro-batch (0: plain per-token experts).
     On a mesh of several devices each device deduplicates its own rows inside a shard_map: a unique over the
     whole sharded batch leaves the distinct rows replicated, so every device would evaluate the experts on all
     of them (slower than no dedup at all; docs/training.md). Inside the shard_map the parameters are gathered
     whole."""
+    remat_block(remat)  # an unknown policy fails here, before any tracing
     graphdef, _ = graphdef_and_shapes(cfg)
     groups = 1 if mesh is None else mesh.size  # the batch is split over every device
 
     def objective(params, tokens_BxT1, groups):
-        value, metrics = loss_fn(params, graphdef, cfg, tokens_BxT1, dedup_rows)
+        value, metrics = loss_fn(params, graphdef, cfg, tokens_BxT1, dedup_rows, remat=remat)
         if cfg.kind == "mole":
             metrics.update(unique_metrics(tokens_BxT1[:, :-1], groups, dedup_rows))
         return value, metrics
@@ -136,10 +168,11 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, tx: optax.GradientTransfo
                     mesh: Mesh | None = None, param_shardings: Any = None) -> Callable:
     """The pure step: (state, tokens_AxBxT1) -> (state, metrics). A = micro-batches (gradient accumulation),
     B = sequences per micro-batch, T1 = T + 1 tokens (inputs and shifted targets). Gradients are averaged over
-    micro-batches, so the update equals one step on the whole batch. dedup_rows and mesh: see make_grad_fn.
-    param_shardings: keep the accumulated gradients sharded like the params (reduce-scatter, not all-reduce)."""
+    micro-batches, so the update equals one step on the whole batch. dedup_rows and mesh: see make_grad_fn;
+    tc.remat: see loss_fn. param_shardings: keep the accumulated gradients sharded like the params
+    (reduce-scatter, not all-reduce)."""
     schedule = lr_schedule(tc)
-    grad_fn = make_grad_fn(cfg, dedup_rows=dedup_rows, mesh=mesh)
+    grad_fn = make_grad_fn(cfg, dedup_rows=dedup_rows, mesh=mesh, remat=tc.remat)
 
     def micro(params, tokens_BxT1):
         (_, metrics), grads = grad_fn(params, tokens_BxT1)
@@ -159,10 +192,13 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, tx: optax.GradientTransfo
                                  jax.eval_shape(micro, state.params, tokens_AxBxT1[0]))
             total, _ = jax.lax.scan(body, zeros, tokens_AxBxT1)
             grads, metrics = jax.tree.map(lambda x: x / num_micro, total)
-        metrics["grad_norm"] = global_norm(grads)
+        metrics["grad_norm"] = global_norm(trained_leaves(grads, tc.trainable))  # the frozen grads are then unused
         metrics["lr"] = schedule(state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if tc.trainable != "all":  # frozen leaves pass through as they are (p + 0 would turn -0.0 into 0.0)
+            params = jax.tree.map(lambda label, old, new: new if label == "new" else old,
+                                  param_labels(params), state.params, params)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -185,11 +221,17 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, expert_rows_per_token:
 
 # Placement ----------------------------------------------------------------------------------------------------
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Params by sharding.py's rules; Adam's moments mirror their params; counters replicated."""
+    """Params by sharding.py's rules; Adam's moments mirror their params; counters replicated. A moment is found by
+    its key path, which ends with its param's (`...mu['blocks'][0]['attn']['wq_DxHxK']`): this also places the
+    moments of a partitioned optimizer (trainable="new"), which hold only some of the params."""
     param_sh = sharding.param_shardings(cfg, mesh)
     _, shapes = graphdef_and_shapes(cfg)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, shapes), param_sh,
-                                   transform_non_params=lambda _: sharding.replicated(mesh))
+    by_path = dict(jax.tree_util.tree_flatten_with_path(param_sh)[0])
+
+    def place(path, _):
+        return next((by_path[path[i:]] for i in range(len(path)) if path[i:] in by_path), sharding.replicated(mesh))
+
+    opt_sh = jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, shapes))
     return TrainState(sharding.replicated(mesh), param_sh, opt_sh)
 
 
@@ -238,6 +280,10 @@ class ShardedStep:
         state = step.init_state(seed)                     # or a checkpoint restored onto step.abstract_state()
         batch = step.feed(lambda rows: batches.batch(s, rows))
         run = step.compile(state, batch)                  # run(state, batch) -> (state, metrics); donates state
+
+    Precision: `cfg.dtype` is the compute dtype; params, gradients and Adam's moments stay `cfg.param_dtype`
+    (float32), and logits, softmaxes, router and loss are float32 whatever the compute dtype. Memory:
+    `tc.remat` rematerialises each block in the backward pass (model.remat_block).
     """
 
     def __init__(self, cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *, dedup_rows: int = 0):
@@ -255,6 +301,13 @@ class ShardedStep:
 
     def abstract_state(self) -> TrainState:
         return abstract_state(self.cfg, self.tx, self.shardings)
+
+    def state_from_params(self, params: Params) -> TrainState:
+        """Step 0 of a run that starts from given parameters (placed as `shardings.params`, e.g. an upcycled
+        checkpoint's): those parameters and a fresh optimizer state."""
+        fresh = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
+                        out_shardings=self.shardings)
+        return fresh(params)
 
     def compile(self, state: TrainState, tokens_AxBxT1: jax.Array) -> Callable:
         return self._jitted.lower(state, tokens_AxBxT1).compile()

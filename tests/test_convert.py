@@ -45,9 +45,10 @@ def run(tmp_path_factory):
 
 
 def _files(lut_dir: Path) -> dict[str, bytes]:
-    """Every stored array file (shards and zarr.json), by relative path: what bit-identity compares."""
+    """Every stored array file (shards and zarr.json), by relative path: what bit-identity compares (not lut.json
+    nor the converter's lut.lock)."""
     return {str(p.relative_to(lut_dir)): p.read_bytes() for p in sorted(lut_dir.rglob("*"))
-            if p.is_file() and p.name != "lut.json"}
+            if p.is_file() and p.name not in ("lut.json", "lut.lock")}
 
 
 @pytest.mark.parametrize("scheme", schemes.SCHEMES)
@@ -172,7 +173,7 @@ def test_kill_and_resume_is_bit_identical(run, tmp_path, monkeypatch):
 
 # Scale-out: two JAX processes (jax.distributed on localhost) split the shards ----------------------------------
 DISTRIBUTED = """
-import sys
+import sys, time
 import jax
 ckpt, out, port, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
@@ -184,11 +185,24 @@ def record(self, i, stored):
     print("shard", i, flush=True)
     return write_shard(self, i, stored)
 lut_writer.TableWriter.write_shard = record
+
+done_shards = lut_writer.TableWriter.done_shards
+def late(self):  # process 1 lists the shards written only once process 0 has finished some
+    deadline = time.monotonic() + 120
+    while len(done_shards(self)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = done_shards(self)
+    print("saw", len(done), flush=True)
+    return done
+if pid == 1:
+    lut_writer.TableWriter.done_shards = late
 convert_to_lut(ckpt, out, "float16", shard_rows=8, batch_rows=2, progress=False)
 """
 
 
 def test_two_processes_write_their_own_shards(run, tmp_path):
+    """The second process starts its work after the first has finished some shards: each still computes exactly
+    its own (shard i belongs to process i % 2), and the table equals a single-process one bit for bit."""
     single = convert_to_lut(run["ckpt"], tmp_path / "single", "float16", shard_rows=8, batch_rows=2, progress=False)
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -202,6 +216,9 @@ def test_two_processes_write_their_own_shards(run, tmp_path):
         assert p.returncode == 0, err[-3000:]
     shards = [{int(line.split()[1]) for line in o.splitlines() if line.startswith("shard ")} for o, _ in outs]
     assert shards[0] and shards[1] and not shards[0] & shards[1] and shards[0] | shards[1] == set(range(13))
+    assert shards[0] == set(range(0, 13, 2)) and shards[1] == set(range(1, 13, 2))
+    saw = [int(line.split()[1]) for line in outs[1][0].splitlines() if line.startswith("saw ")]
+    assert saw and saw[0] >= 3  # process 1 listed after process 0 had finished shards
     info = lut.read_info(tmp_path / "multi")
     assert info["complete"] and info["last_run"]["processes"] == 2
     assert _files(tmp_path / "multi") == _files(single)

@@ -331,16 +331,149 @@ def test_bad_input_raises_one_clear_error(mole_run, models, tmp_path):
 # The benchmark runs (timings are for `mole-jax bench decode`, never asserted here) ----------------------------
 def test_bench_decode_runs(tmp_path):
     from mole_jax.bench import bench_decode
+    from mole_jax.bench.decode import CACHE, DECODE_MODELS
 
     out = bench_decode(preset_size="tiny", batch_sizes=(1,), prompt_len=16, steps=4, warmup=2, chunk=2,
                        workdir=tmp_path, json_path=tmp_path / "decode.json")
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
     assert rows == out["rows"]
-    models = ["dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage"]
-    assert [(r["model"], r["batch_size"]) for r in rows] == [(m, 1) for m in models]
+    models = ["dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage", "mole-storage-warm"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [(m, 1) for m in DECODE_MODELS]
+    assert set(models) <= set(DECODE_MODELS)
     by = {(r["model"], r["batch_size"]): r for r in rows}
     for r in rows:
         assert r["ms_per_step"] > 0 and r["modeled_ms_per_step_16gbps"] >= r["compute_ms_per_step"]
+        assert r["cache"] == CACHE.get(r["model"]) and "reread_fraction" in r
+    assert by["mole-storage", 1]["cache"] == "cold" and by["mole-storage-warm", 1]["cache"] == "warm"
+    assert by["mole-host", 1]["cache"] is None and by["dense", 1]["cache"] is None
     assert by["dense", 1]["h2d_bytes_per_step"] == 0 and by["mole-device", 1]["h2d_bytes_per_step"] == 0
     assert by["moe-offload", 1]["h2d_bytes_per_step"] > 10 * by["mole-host", 1]["h2d_bytes_per_step"] > 0
+    assert by["moe-offload", 1]["h2d_bytes_per_step_as_lut_dtype"] == by["moe-offload", 1]["h2d_bytes_per_step"] / 2
     assert abs(by["mole-host", 1]["device_param_bytes"] / by["dense", 1]["device_param_bytes"] - 1) < 0.02
+    # the cold rows were read from dropped files, every read recorded and replayed against the pread floor
+    storage = out["storage"]
+    assert storage["cold_check"]["dropped_bytes"] > 0
+    assert storage["floor"]["rows"] >= 4 and storage["floor"]["pread_rows_per_s"] > 0
+    assert 0 <= by["mole-storage", 1]["reread_fraction"] < 1
+
+
+def test_row_byte_ranges_hold_the_stored_rows(mole_run):
+    """The pread floor reads the right bytes: each row's range in its shard file (from the zarr3 shard index)
+    holds the row's stored bytes, then its crc32c."""
+    from mole_jax.bench.storage import ColdTable, RowRanges
+    from mole_jax.bench.tools import PreadPool
+
+    cold = ColdTable(mole_run[1])
+    ids = np.array([0, 5, cold.shape[0] - 1, 3])
+    ranges, pool = RowRanges(cold.table, cold.root), PreadPool(workers=4)
+    try:
+        got = pool.read(ranges(ids))
+    finally:
+        pool.close()
+    stored = cold.read_stored(ids)
+    i = 0
+    for name in cold.layout.arrays:
+        for r in range(len(ids)):
+            want = stored[name][r].tobytes()
+            assert len(got[i]) == len(want) + 4 and got[i][:len(want)] == want
+            i += 1
+    assert cold.drop("x") > 0 and cold.read_stored(ids[:2])["payload"].shape[0] == 2
+    assert cold.reread_fraction("x") == 0.0
+
+
+
+# A device tier of the most frequent ids in front of host or storage rows -----------------------------------------
+def _tier_missing_late_ids(prompt, generated):
+    """Token counts whose top ids are the prompt's and the first half of the generation's: a tier of exactly those
+    rows hits at the start and misses some later generated ids (a miss in the middle of a generation)."""
+    early = set(prompt) | set(generated[:len(generated) // 2])
+    late_misses = [i for i, t in enumerate(generated[:-1]) if t not in early]  # the last token is never fed back
+    assert late_misses and late_misses[0] > 0, (early, generated)
+    counts = np.zeros(prime_config("mole").vocab_size, np.int64)
+    counts[sorted(early)] = 1000 - np.arange(len(early))
+    return counts, len(early)
+
+
+@pytest.mark.parametrize("placement", ["host", "storage"])
+@pytest.mark.parametrize("speculate", [True, False])
+def test_device_tier_generation_equals_other_placements(mole_run, models, placement, speculate):
+    """Greedy tokens with a tier that misses some generated ids equal the host placement's (batch 1 and batched),
+    the logits agree, and the tier counts its hits, the rows it fetched and the steps it redid."""
+    run, lut_dir = mole_run
+    plain = models(f"mole-{placement}")
+    want_one, want_logits = plain.generate(PROMPTS[2], NEW, return_logits=True)
+    counts, K = _tier_missing_late_ids(PROMPTS[2], want_one)
+    model = load(run, lut=lut_dir, lut_placement=placement, device_rows=K, token_counts=counts, speculate=speculate)
+    dec = model.decoder
+    np.testing.assert_array_equal(dec.source.ids_K, np.flatnonzero(counts))
+    with jax.transfer_guard("disallow"):  # the missed rows' puts are explicit too
+        got_one, got_logits = model.generate(PROMPTS[2], NEW, return_logits=True)
+    assert got_one == want_one
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=1e-6 * np.abs(want_logits).max())
+    c = dec.tier_counts
+    assert 0 < c.hits < c.tokens and c.rows_fetched > 0 and c.fetches > 0
+    assert (dec.redone > 0) == speculate  # a step dispatched after all-hit steps met a miss and was redone
+    assert model.device_param_bytes == plain.device_param_bytes + K * lut.open_lut(lut_dir).row_nbytes + 4 * 97
+    assert model.generate(PROMPTS, NEW) == models("mole-train").generate(PROMPTS, NEW)
+    ids = np.array([PROMPTS[2], PROMPTS[2][::-1]])  # scoring reads the tier too
+    for got, want in zip(model.token_logprobs(ids[:, :-1], ids[:, 1:]), plain.token_logprobs(ids[:, :-1], ids[:, 1:])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_device_tier_covering_every_id_moves_nothing_per_step(mole_run, models):
+    """A tier of the whole vocabulary: after the prompts, no step moves a byte, and the tokens are unchanged;
+    every transfer is explicit."""
+    run, lut_dir = mole_run
+    model = load(run, lut=lut_dir, lut_placement="storage", device_rows=10**6)  # clipped to the vocabulary
+    assert len(model.decoder.source.ids_K) == 97
+    want = models("mole-storage").generate(PROMPTS, NEW)
+    sent = []
+    with jax.transfer_guard("disallow"):
+        for _ in model.stream(PROMPTS, NEW):
+            sent.append(model.h2d_bytes)
+        assert model.generate(PROMPTS, NEW) == want
+    assert len(set(sent)) == 1  # nothing after the prefill's ids and lengths
+    c = model.decoder.tier_counts
+    assert c.hits == c.tokens > 0 and c.rows_fetched == c.rows_sent == 0
+
+
+def test_token_counts_and_tier_order(mole_run, tmp_path):
+    """Counts over the training windows' input positions (validation windows excluded), read in chunks, against a
+    plain count; the tier takes the most frequent ids (ties: the lower id), from RUN_DIR/token_counts.npy by
+    default and the lowest ids without counts; bad tier settings raise one clear line."""
+    from mole_jax.data import TOKEN_COUNTS, split_windows, token_counts
+
+    tokens = np.random.default_rng(0).zipf(1.3, 5000).clip(max=96).astype(np.uint16)
+    train, val = split_windows(tokens.size, 32, 0.1)
+    want = np.bincount(np.concatenate([tokens[w * 32:(w + 1) * 32] for w in train]), minlength=97)
+    np.testing.assert_array_equal(token_counts(tokens, 97, seq_len=32, exclude_windows=val, chunk=1000), want)
+    np.testing.assert_array_equal(row_sources.tier_ids(np.array([3, 9, 9, 0, 4]), 3, 5), [1, 2, 4])
+    np.testing.assert_array_equal(row_sources.tier_ids(None, 3, 5), [0, 1, 2])
+    table = lut.open_lut(mole_run[1])
+    np.save(tmp_path / TOKEN_COUNTS, want)
+    np.testing.assert_array_equal(row_sources.device_tier(table, tmp_path, device_rows=5),
+                                  np.sort(np.argsort(-want, kind="stable")[:5]))
+    assert len(row_sources.device_tier(table, None, device_tier_bytes=3 * table.row_nbytes + 1)) == 3
+    run, lut_dir = mole_run
+    for kw, msg in [(dict(device_rows=0), "at least one row"),
+                    (dict(device_rows=2, device_tier_bytes=10**6), "not both"),
+                    (dict(device_tier_bytes=10), "at least one row"),
+                    (dict(device_rows=4, token_counts=np.ones(5)), r"token counts have shape \(5,\)"),
+                    (dict(device_rows=4, lut_placement="device"), "host or storage placement")]:
+        with pytest.raises(MoleError, match=msg) as e:
+            load(run, lut=lut_dir, **{"lut_placement": "host", **kw})
+        assert "\n" not in str(e.value)
+    with pytest.raises(MoleError, match="pass lut=LUT_DIR"):
+        load(run, device_rows=4)
+
+
+def test_cli_generate_with_a_device_tier(mole_run, models):
+    run, lut_dir = mole_run
+    status, out, err = run_cli("generate", str(run), "--lut", str(lut_dir), "--placement", "storage",
+                               "--device-rows", "20", "--prompt-ids", "5,17,96", "--max-new-tokens", "6")
+    assert status == 0, err
+    assert [int(t) for t in out.split()] == models("mole-storage").generate([5, 17, 96], 6)
+    assert "behind a device tier of 20 rows, hit rate" in err
+    status, _, err = run_cli("generate", str(run), "--lut", str(lut_dir), "--device-tier-mb", "0.000001",
+                             "--prompt-ids", "5")
+    assert status == 2 and "at least one row" in err and len(err.strip().splitlines()) == 1

@@ -1,6 +1,8 @@
 """Import of the authors' checkpoints (fixtures written here under the official names), export, and bad input."""
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 
@@ -171,6 +173,39 @@ def test_cli_bad_input_exit_2_one_line(tmp_path):
         assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err, (name, err)
     r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # the installed entry point, as a user
+
+
+KILLED_BEFORE_PUBLISHING = """
+import os, signal, sys
+from mole_jax import hf
+
+hf._publish = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)  # all built, not yet moved into place
+(hf.import_hf if sys.argv[1] == "import" else hf.export_hf)(sys.argv[2], sys.argv[3])
+"""
+
+
+def test_a_killed_import_or_export_leaves_nothing_behind(tmp_path):
+    write_hf_checkpoint(tmp_path / "src", prime_config("mole"))
+
+    def leftovers(out):
+        return [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]
+
+    for cmd, src, out in [("import", tmp_path / "src", tmp_path / "run"),
+                          ("export", tmp_path / "run", tmp_path / "exported")]:
+        r = subprocess.run([sys.executable, "-c", KILLED_BEFORE_PUBLISHING, cmd, str(src), str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        assert [name for name in leftovers(out) if ".partial-" in name] and not out.exists()
+        (hf.import_hf if cmd == "import" else hf.export_hf)(src, out)  # the next run cleans up after the killed one
+        assert out.is_dir() and leftovers(out) == []
+    # killed between the two renames of a replacement: the previous OUT is moved back, not lost
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "exported"
+    out.rename(tmp_path / f".exported.old-{dead.pid}-{socket.gethostname()}")
+    with pytest.raises(MoleError, match="exists and is not empty"):
+        hf.export_hf(tmp_path / "run", out)
+    assert (out / "model.safetensors").is_file() and leftovers(out) == []
 
 
 def test_existing_destination_is_not_overwritten(tmp_path):

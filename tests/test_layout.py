@@ -11,7 +11,8 @@ OPTIONAL_EXTRAS = ("lm_eval", "matplotlib", "datasets", "huggingface_hub", "torc
 # docs/design.md: a module imports only from the layers above its own
 LAYERS = [["config"], ["layers", "schemes", "data"], ["model", "sampling", "row_sources"],
           ["sharding", "checkpoint", "lut"], ["train_step", "lut_writer", "decoder"],
-          ["evaluation", "convert", "hf", "offload"], ["train", "decode"], ["bench", "harness"], ["quickstart", "cli"]]
+          ["evaluation", "convert", "hf", "offload", "upcycling"], ["train", "decode"], ["bench", "harness"],
+          ["quickstart", "cli"]]
 
 
 def _modules() -> dict[str, ast.Module]:

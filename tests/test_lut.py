@@ -171,7 +171,7 @@ def test_open_refuses_what_is_not_a_usable_table(tables, tmp_path):
     assert lut.open_lut(tables / "int8", expect_fingerprint="f" * 64).scheme == "int8"
 
     import shutil
-    for name, change, msg in [("future", {"format_version": 2}, "format version 2"),
+    for name, change, msg in [("future", {"format_version": 3}, "format version 3"),
                               ("interrupted", {"complete": False}, "incomplete")]:
         shutil.copytree(tables / "int8", tmp_path / name)
         meta = json.loads((tmp_path / name / "lut.json").read_text())

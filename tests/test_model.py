@@ -13,7 +13,8 @@ import reference
 from conftest import prime_config
 from mole_jax import hf
 from mole_jax.config import ConfigError, ModelConfig, get_preset, presets
-from mole_jax.model import Transformer, graphdef_and_shapes, init_params, without_routed_experts
+from mole_jax.model import (Transformer, graphdef_and_shapes, init_params, per_expert_buffers,
+                            without_routed_experts)
 
 B, T = 3, 11
 
@@ -142,7 +143,7 @@ def test_mole_dedup_equals_plain(capacity):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(np.abs(b).max(), 1e-12))
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged", "gather", "skip"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "grouped", "gather", "skip"])
 def test_moe_implementations_agree(impl):
     cfg = prime_config("moe", moe_impl=impl)
     params = init_params(cfg, seed=9)
@@ -161,6 +162,48 @@ def test_moe_decode_sized_paths_match_reference(impl):
     _assert_close(_logits(cfg, params, ids), ref, 1e-5)
     grads = jax.grad(lambda p: _logits(cfg, p, ids).sum())(params)  # differentiable like every other path
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_moe_per_expert_buffers_equal_stacked_and_copy_no_expert():
+    """CPU decode: the resident MoE's experts as a buffer each give the same logits as the stacked weights (and
+    the reference), and the compiled step no longer copies an expert's weights out of the stack."""
+    cfg = prime_config("moe", num_experts=7, top_k=3)
+    params = init_params(cfg, seed=10)
+    split = per_expert_buffers(cfg, params, "cpu")
+    assert len(split["blocks"][0]["experts"]["w_up_NxDxF"]) == 7
+    ids = _ids(cfg, shape=(1, 2))
+    np.testing.assert_array_equal(_logits(cfg, split, ids), _logits(cfg, params, ids))
+    ref = reference.forward(hf.config_to_hf(cfg), hf.params_to_hf(cfg, params), np.asarray(ids), top_k=3)
+    _assert_close(_logits(cfg, split, ids), ref, 1e-5)
+
+    def expert_copies(p):
+        hlo = _forward(cfg, True).lower(p, ids, {}).compile().as_text()
+        shapes = (f"f32[{cfg.d_model},{cfg.expert_dim}]", f"f32[{cfg.expert_dim},{cfg.d_model}]")
+        return sum(1 for line in hlo.splitlines() if "slice" in line and "fusion(" in line
+                   and any(f"= {s}" in line for s in shapes))
+
+    if jax.default_backend() == "cpu":
+        assert expert_copies(params) > 0 and expert_copies(split) == 0
+    assert per_expert_buffers(cfg, params, "gpu") is params
+    assert per_expert_buffers(cfg.replace(moe_impl="gather"), params, "cpu") is params
+
+
+def test_moe_skip_on_chosen_rows_equals_every_row():
+    """skip's decode-sized form (each expert on the rows that chose it, in a few static bucket sizes) against the
+    same experts on every row with zero gates (`mixed`) and skip's large-batch form, at several batch sizes."""
+    from mole_jax.layers import Experts
+    from mole_jax.model import route_top_k
+
+    cfg = prime_config("moe", num_experts=7, top_k=2)
+    experts = Experts(cfg, nnx.Rngs(3))
+    for M in (1, 5, 40):
+        x_MxD = jax.random.normal(jax.random.key(M), (M, cfg.d_model))
+        expert_MxK, gates_MxK = route_top_k(x_MxD @ jax.random.normal(jax.random.key(0), (cfg.d_model, 7)), 2,
+                                            jnp.float32)
+        gates_MxN = jnp.zeros((M, 7)).at[jnp.arange(M)[:, None], expert_MxK].set(gates_MxK)
+        want = experts.mixed(x_MxD, gates_MxN)
+        _assert_close(experts.skip_idle(x_MxD, gates_MxN, row_buckets=True), want, 1e-6)
+        _assert_close(experts.skip_idle(x_MxD, gates_MxN), want, 1e-6)
 
 
 def test_moe_aux_losses():

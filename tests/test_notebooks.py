@@ -81,7 +81,7 @@ def test_latency_runs_a_benchmark_then_plots_a_given_file(tmp_path):
     result = Path(found.group(1))
     assert result.is_relative_to(tmp_path)
     rows = json.loads(result.read_text())["rows"]
-    assert {r["model"] for r in rows} == {"dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage"}
+    assert {r["model"] for r in rows} >= {"dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage"}
     again = _run("latency.ipynb", tmp_path, MOLE_BENCH_JSON=str(result))
     text = _text(again)
     assert f"loaded {result}" in text and "running a tiny benchmark" not in text and _images(again) == 2

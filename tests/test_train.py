@@ -1,6 +1,7 @@
 """Training: the step against plain references (dedup, accumulation, sharding), crash and resume, the CLI on the
 embedded default corpus, multi-host, and bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -243,6 +244,35 @@ def test_resume_on_another_device_count(tmp_path, text_data, runs):
     assert again.history == [] and again.step == 10
 
 
+def test_extending_steps_keeps_the_learning_rate_schedule(tmp_path, text_data, runs):
+    """Steps 1-6 of a 10-step schedule, resumed to 10 (the schedule is then its steps, 10 again): the uninterrupted
+    run, learning rate and loss. Extending the finished run needs --schedule-steps (else one line, exit 2, nothing
+    touched), and the steps past the schedule train at its final rate."""
+    out = tmp_path / "run"
+    _train(out, text_data, tc=dataclasses.replace(TC, steps=6, schedule_steps=10))
+    assert json.loads((out / checkpoint.RUN_FILE).read_text())["train_config"]["schedule_steps"] == 10
+    resumed = _train(out, text_data)  # TC: steps 10, schedule_steps None
+    want = {r["step"]: r for r in runs[1].history}
+    got = {r["step"]: r for r in map(json.loads, (out / checkpoint.METRICS).read_text().splitlines())}
+    assert sorted(got) == list(range(1, 11)) and [r["step"] for r in resumed.history] == list(range(7, 11))
+    for key in ("lr", "loss"):
+        np.testing.assert_allclose([got[s][key] for s in range(1, 11)], [want[s][key] for s in range(1, 11)],
+                                   rtol=1e-6, err_msg=key)
+
+    before = _snapshot(out)
+    line = _cli_error(["train", "--preset", "tiny-mole", "--data", text_data[0], "--tokenizer", text_data[1],
+                       "--out", out, "--steps", "12", "--batch-size", "16", "--seq-len", "64", "--lr", "3e-3",
+                       "--warmup-frac", "0.1", "--no-progress"])
+    assert "schedule spans 10 steps; this would make it 12" in line and "--schedule-steps 10" in line, line
+    assert _snapshot(out) == before
+    extended = _train(out, text_data, tc=dataclasses.replace(TC, steps=12, schedule_steps=10))
+    assert [r["step"] for r in extended.history] == [11, 12]
+    np.testing.assert_allclose([r["lr"] for r in extended.history], 2 * [TC.peak_lr * TC.final_lr_frac], rtol=1e-6)
+    assert json.loads((out / checkpoint.RUN_FILE).read_text())["train_config"]["steps"] == 12
+    with pytest.raises(MoleError, match="schedule steps must be positive"):
+        _train(tmp_path / "bad", text_data, tc=dataclasses.replace(TC, schedule_steps=0))
+
+
 # Multi-host ---------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -360,7 +390,7 @@ def test_bad_input_one_line_nothing_written(cli_run, tmp_path, text_data):
     assert "other training settings" in _cli_error(["train", "--preset", "tiny-mole", "--steps", "200",
                                                     "--batch-size", "16", "--seq-len", "32", "--out", str(out)])
     with pytest.raises(MoleError, match="other data"):
-        train.train(get_preset("tiny-mole"), TrainConfig(steps=200, batch_size=16, seq_len=64, peak_lr=3e-3,
+        train.train(get_preset("tiny-mole"), TrainConfig(steps=120, batch_size=16, seq_len=64, peak_lr=3e-3,
                                                          checkpoint_every=60, eval_every=40),
                     out=out, data_source=text_data[0], progress=False)
     (tmp_path / "stranger").mkdir()

@@ -126,9 +126,15 @@ class Run(NamedTuple):
     history: list[dict]  # metrics.jsonl
 
 
+# TrainConfig fields added after runs were first cached: at these values they leave a run's key (and so its
+# directory) as it was, so that finished runs are still found.
+_KEY_OMITS = {"remat": "none", "schedule_steps": None, "trainable": "all"}
+
+
 def run_dir(ctx: Context, m: Model) -> Path:
     tc, cfg = ctx.train_cfg, m.cfg.replace(dtype=ctx.dtype())
-    key = _digest({"model": cfg.to_dict(), "train": tc.to_dict(), "data": data(ctx, cfg.vocab_size).key})
+    recipe = {k: v for k, v in tc.to_dict().items() if k not in _KEY_OMITS or v != _KEY_OMITS[k]}
+    key = _digest({"model": cfg.to_dict(), "train": recipe, "data": data(ctx, cfg.vocab_size).key})
     return ctx.runs / ctx.scale.name / f"{m.name}-{key}"
 
 
@@ -207,7 +213,10 @@ def lut_table(ctx: Context, run: Run, scheme: str) -> Path:
     where = run.path / "luts" / scheme
     step = checkpoint.locate(run.path).step
     if (where / "lut.json").is_file():
-        info = read_info(where)
+        try:
+            info = read_info(where)
+        except MoleError:  # a table of an older format: converted again below
+            info = {"complete": False}
         if info["complete"] and info.get("source", {}).get("step") == step:
             return where
     print(f"[{ctx.name}] converting {run.model.label} to a {scheme} table", file=sys.stderr)

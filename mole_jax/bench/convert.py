@@ -1,9 +1,11 @@
 """`mole-jax bench convert`: conversion FLOP/s and host memory against the vocabulary size, the latency of reading
-rows from the table, and every storage scheme's bytes and error."""
+rows from the table, and every storage scheme's bytes and error; `bench_checksums`: what the per-row crc32c costs a
+conversion and a row read."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,18 +65,11 @@ def bench_convert(preset: str | None = None, *, vocab_sizes: Sequence[int] | Non
 def _conversions(cfg: ModelConfig, tmp: Path, settings: dict, peak: float, *, with_memory: bool) -> list[dict]:
     """A random checkpoint of `cfg`, converted into files (and, `with_memory`, into memory://), one row each."""
     V = cfg.vocab_size
-    ckpt = tmp / f"ckpt-{V}"
-    mngr = checkpoint.manager(ckpt / checkpoint.CHECKPOINTS, async_save=False)
-    checkpoint.save(mngr, 0, init_params(cfg, seed=0), checkpoint.step_meta(cfg, 0))
-    mngr.close()
+    ckpt = _save_random_checkpoint(cfg, tmp / f"ckpt-{V}")
     destinations = [("file", tmp / f"lut-{V}")] + ([("memory", f"memory://lut-{V}/")] if with_memory else [])
     runs = []
     for kind, dest in destinations:
-        job = json.dumps({"ckpt": str(ckpt), "lut": str(dest), **settings})
-        out = subprocess.run([sys.executable, "-m", WORKER, job], capture_output=True, text=True)
-        if out.returncode:
-            raise RuntimeError(f"conversion of V={V} into {kind} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = _run_worker({"ckpt": str(ckpt), "lut": str(dest), **settings})
         info, flops = r["info"], V * flops_per_row(cfg)
         written = (sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) if kind == "file"
                    else info["nbytes"])
@@ -87,6 +82,21 @@ def _conversions(cfg: ModelConfig, tmp: Path, settings: dict, peak: float, *, wi
                      "embedding_bytes": V * cfg.d_model * 4, "shard_rows": info["shard_rows"],
                      "batch_rows": info["last_run"]["batch_rows"]})
     return runs
+
+
+def _save_random_checkpoint(cfg: ModelConfig, path: Path) -> Path:
+    mngr = checkpoint.manager(path / checkpoint.CHECKPOINTS, async_save=False)
+    checkpoint.save(mngr, 0, init_params(cfg, seed=0), checkpoint.step_meta(cfg, 0))
+    mngr.close()
+    return path
+
+
+def _run_worker(job: dict) -> dict:
+    """One conversion in a fresh process (bench/convert_worker.py): its wall time, peak RSS and read_info."""
+    out = subprocess.run([sys.executable, "-m", WORKER, json.dumps(job)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"conversion into {job['lut']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _print_report(result: dict[str, Any], cfg: ModelConfig, largest_vocab: int) -> None:
@@ -171,3 +181,82 @@ def _bench_schemes(ckpt: Path, cfg: ModelConfig, rows: int = 2048) -> list[dict]
                     "max_error_over_absmax": float(err.max() / np.abs(x).max()),
                     "max_error_over_bound": float(np.max(err / np.maximum(bound, 1e-30)))})
     return out
+
+
+# What the per-row checksums cost -------------------------------------------------------------------------------
+def bench_checksums(*, vocab_size: int = 16384, dtype: str = "float16", shard_rows: int = 1024, reps: int = 3,
+                    iters: int = 300, json_path: str | Path | None = None) -> dict[str, Any]:
+    """The cost of the crc32c per row, side by side in one run: the same checkpoint (bench convert's CPU model)
+    converted with and without checksums (alternating, each in a fresh process), then reads of B random rows from
+    both tables: the storage placement's fetch (`read_stored`, with the reader's cache and without) and the host
+    placement (the whole table loaded once, `read_all_stored`, where every checksum is verified; its per-step
+    np.take never sees one)."""
+    cfg = get_preset("small-mole").replace(d_model=512, num_heads=8, ffn_dim=2048, expert_dim=2048,
+                                           vocab_size=vocab_size)
+    load_before = os.getloadavg()[0]  # recorded: on a shared machine, the figures are only as quiet as it was
+    with tempfile.TemporaryDirectory(prefix="mole-jax-bench-checksums-") as tmp:
+        tmp = Path(tmp)
+        ckpt = _save_random_checkpoint(cfg, tmp / "ckpt")
+        runs = []
+        for rep in range(reps):
+            for checksum in (True, False):
+                r = _run_worker({"ckpt": str(ckpt), "lut": str(tmp / f"lut-{checksum}-{rep}"), "dtype": dtype,
+                                 "batch_rows": None, "shard_rows": shard_rows, "checksum": checksum})
+                runs.append({"checksum": checksum, "rep": rep, "seconds": r["seconds"],
+                             "compute_seconds": r["info"]["last_run"]["compute_seconds_process0"]})
+        tables = {c: tmp / f"lut-{c}-0" for c in (True, False)}
+        reads = _bench_checksum_reads(tables, vocab_size, iters)
+        loads = _bench_host_loads(tables, reps=3)
+    # the best of the alternating runs: the least disturbed by whatever else shares the machine
+    conv = {f"{k}_{'crc' if c else 'plain'}": min(r[k] for r in runs if r["checksum"] == c)
+            for c in (True, False) for k in ("seconds", "compute_seconds")}
+    result = {"benchmark": "checksums", "machine": machine(), "model": cfg.to_dict(), "dtype": dtype,
+              "vocab_size": vocab_size, "shard_rows": shard_rows, "conversions": runs,
+              "conversion": {**conv, "ratio": conv["seconds_crc"] / conv["seconds_plain"],
+                             "compute_ratio": conv["compute_seconds_crc"] / conv["compute_seconds_plain"]},
+              "storage_row_reads": reads, "host_load": loads,
+              "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+    print(f"conversion of V={vocab_size} ({dtype}, best of {reps}): with crc32c {conv['seconds_crc']:.2f} s, "
+          f"without {conv['seconds_plain']:.2f} s (x{result['conversion']['ratio']:.3f}); shard loop "
+          f"x{result['conversion']['compute_ratio']:.3f}")
+    print_table(reads, ["batch", "crc_ms", "plain_ms", "ratio", "crc_no_cache_ms", "plain_no_cache_ms",
+                        "no_cache_ratio"])
+    print(f"host placement, whole table loaded: with crc32c {loads['crc_s']:.3f} s, without {loads['plain_s']:.3f} s "
+          f"(x{loads['ratio']:.3f}); its per-step fetch (np.take) reads no checksum")
+    write_json(json_path, result)
+    return result
+
+
+def _bench_checksum_reads(tables: dict[bool, Path], V: int, iters: int) -> list[dict]:
+    """Median ms to read B fresh random rows from each table, interleaved, with the reader's cache and without."""
+    opened = {(c, cache): open_lut(path, **({} if cache else {"cache_bytes": 0}))
+              for c, path in tables.items() for cache in (True, False)}
+    names = {(True, True): "crc_ms", (False, True): "plain_ms", (True, False): "crc_no_cache_ms",
+             (False, False): "plain_no_cache_ms"}
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in (1, 8, 32):
+        times = {k: [] for k in names.values()}
+        for _ in range(iters):
+            for key, table in opened.items():
+                ids = rng.integers(0, V, B)
+                t0 = time.perf_counter()
+                table.read_stored(ids)
+                times[names[key]].append(time.perf_counter() - t0)
+        r = {"batch": B, **{k: median(v) * 1e3 for k, v in times.items()}}
+        rows.append({**r, "ratio": r["crc_ms"] / r["plain_ms"],
+                     "no_cache_ratio": r["crc_no_cache_ms"] / r["plain_no_cache_ms"]})
+    return rows
+
+
+def _bench_host_loads(tables: dict[bool, Path], reps: int) -> dict:
+    """Seconds to load each whole table into host memory (the host placement's start), interleaved."""
+    times = {True: [], False: []}
+    for _ in range(reps):
+        for c, path in tables.items():
+            table = open_lut(path, cache_bytes=0)
+            t0 = time.perf_counter()
+            table.read_all_stored()
+            times[c].append(time.perf_counter() - t0)
+    crc, plain = median(times[True]), median(times[False])
+    return {"crc_s": crc, "plain_s": plain, "ratio": crc / plain, "table_bytes": open_lut(tables[True]).nbytes}

@@ -3,9 +3,9 @@ one per vocabulary size and destination):
 
     python -m mole_jax.bench.convert_worker JOB_JSON
 
-JOB_JSON: {"ckpt": ..., "lut": ..., "dtype": ..., "batch_rows": ..., "shard_rows": ...}, as convert_to_lut takes
-them. Prints one JSON line: {"seconds": wall time, "peak_rss_bytes": this process's peak,
-"info": lut.read_info(table)}.
+JOB_JSON: {"ckpt": ..., "lut": ..., "dtype": ..., "batch_rows": ..., "shard_rows": ..., optionally "checksum"},
+as convert_to_lut takes them. Prints one JSON line: {"seconds": wall time, "peak_rss_bytes": this process's
+peak, "info": lut.read_info(table)}.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mole_jax.lut import read_info
 def run_conversion(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     where = convert_to_lut(job["ckpt"], job["lut"], job["dtype"], batch_rows=job["batch_rows"],
-                           shard_rows=job["shard_rows"], progress=False)
+                           shard_rows=job["shard_rows"], checksum=job.get("checksum", True), progress=False)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "info": read_info(where)}
 

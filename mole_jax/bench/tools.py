@@ -1,13 +1,16 @@
-"""Measuring tools shared by the benchmarks: timing, the machine's matmul peak, peak memory, the machine's
-description, and the printed table and JSON file every benchmark ends with."""
+"""Measuring tools shared by the benchmarks: timing, the machine's matmul peak, peak memory, the page cache (cold
+reads and the thread-pool `pread` floor), the machine's description, and the printed table and JSON file every
+benchmark ends with."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,6 +53,54 @@ def matmul_peak_flops(dtype: str = "float32", n: int | None = None, iters: int =
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def drop_page_cache(root: str | Path) -> int:
+    """Evict every file under `root` from the page cache (flushed first: dirty pages cannot be dropped), so that
+    the next read of it goes to the disk. Returns the bytes dropped; 0 where the OS has no posix_fadvise (the
+    caller's first-read timing then shows a warm cache)."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    dropped = 0
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            dropped += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return dropped
+
+
+def read_seconds(path: str | Path, chunk: int = 1 << 20) -> float:
+    """Seconds to read the whole file once (to tell a cold read from a warm one)."""
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(chunk):
+            pass
+    return time.perf_counter() - t0
+
+
+class PreadPool:
+    """Concurrent `os.pread`s of byte ranges: every range of a batch in flight at once (queue depth = the batch),
+    the floor that a storage reader is compared against."""
+
+    def __init__(self, workers: int = 32):
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.fds: dict[str, int] = {}
+
+    def read(self, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        """The bytes of each (path, offset, size), read concurrently."""
+        for path, _, _ in ranges:
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+        return list(self.pool.map(lambda r: os.pread(self.fds[r[0]], r[2], r[1]), ranges))
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.pool.shutdown()
 
 
 def machine() -> dict[str, Any]:

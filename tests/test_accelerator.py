@@ -1,0 +1,72 @@
+"""experiments/accelerator.py, the one command for an accelerator window, in its CPU form: run as a user runs it
+there (a fresh process, PYTHONPATH=., no arguments beyond the scale, budget and output), it writes its JSON and
+markdown, measures every piece, and stops cleanly at its budget."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import xla_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "experiments/accelerator.py", "--scale", "tiny", "--out",
+                          str(tmp_path / "out"), "--workdir", str(tmp_path), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return out, time.monotonic() - t0
+
+
+def _results(tmp_path: Path) -> tuple[dict, str, Path]:
+    (device_dir,) = (tmp_path / "out").iterdir()  # OUT/<device kind>/
+    return (json.loads((device_dir / "accelerator.json").read_text()),
+            (device_dir / "accelerator.md").read_text(), device_dir)
+
+
+def test_tiny_form_measures_every_piece(tmp_path):
+    out, _ = _run(tmp_path, "--budget-s", "300")
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc, md, device_dir = _results(tmp_path)
+    assert doc["errors"] == {} and doc["skipped"] == [] and doc["stopped"] is None
+    dev = doc["device"]
+    assert dev["backend"] == "cpu" and dev["bf16_matmul_peak_flops_per_s"] > 0 and dev["jax"] and dev["jaxlib"]
+    assert dev["transfer"]["h2d_pageable"] > 0 and dev["transfer"]["d2h_pageable"] > 0
+    models = {r["model"] for r in doc["decode"]["rows"]}
+    assert models >= {"dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage"}
+    conv = doc["convert"]
+    assert conv["bytes_written"] > 0 and conv["achieved_flops_per_s"] > 0 and conv["write_floor_bytes_per_s"] > 0
+    train = {r["model"]: r for r in doc["train"]}
+    assert list(train) == ["dense", "mole-dedup", "moe", "mole-plain"]
+    for r in train.values():
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu_vs_measured_peak"]
+        assert r["loss"] == r["loss"]  # not NaN
+    assert train["mole-dedup"]["dedup_rows"] and not train["mole-plain"]["dedup_rows"]
+    # every goal is evaluated; the ones a CPU cannot measure (pinned memory, a nominal peak) say so with None
+    texts = [g["goal"] for g in doc["goals"]]
+    assert any("MFU" in t for t in texts) and any("mole-storage" in t for t in texts)
+    assert all(g["holds"] in (True, False, None) for g in doc["goals"])
+    assert "## Goals" in md and "## Training" in md and "## Decoding" in md and doc["command"] in md
+    assert json.loads((device_dir / "decode.json").read_text())["rows"]
+
+
+def test_stops_at_its_budget_with_what_it_measured(tmp_path):
+    out, seconds = _run(tmp_path, "--budget-s", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc, md, _ = _results(tmp_path)
+    # either the watchdog ended a piece or the planner skipped the rest: never a run past its budget by much
+    assert doc["stopped"] or doc["skipped"]
+    assert doc["train"] == [] or len(doc["train"]) < 4
+    assert seconds < 4 + 30  # the process start and JAX import come before the budget's clock
+    assert "stopped" in md or "Skipped" in md
+
+
+def test_bad_budget_is_one_line(tmp_path):
+    out, _ = _run(tmp_path, "--budget-s", "0")
+    assert out.returncode == 2 and "--budget-s must be positive" in out.stderr
+    assert "Traceback" not in out.stderr
