@@ -28,7 +28,7 @@ from mole_jax.decode import LanguageModel
 from mole_jax.decoder import decode_loop, random_state
 from mole_jax.lut import LookupTable, open_lut
 from mole_jax.lut_writer import write_table
-from mole_jax.model import init_params, per_expert_buffers
+from mole_jax.model import init_params
 from mole_jax.row_sources import tier_ids
 from mole_jax.sampling import make_sampler
 
@@ -163,7 +163,7 @@ def _model_builders(cfgs: dict[str, ModelConfig], table: LookupTable,
                                      placement=placement)
 
     # the resident MoE on its fastest exact path: on CPU one buffer per expert (no copy of a chosen expert per step)
-    return {"moe": lambda: LanguageModel(moe, per_expert_buffers(moe, init_params(moe, seed=1))),
+    return {"moe": lambda: LanguageModel(moe, init_params(moe, seed=1)),  # its Decoder splits the experts (CPU)
             "moe-offload": lambda: LanguageModel(moe, init_params(moe, seed=1), offload_experts=True),
             "mole-device": mole_model("device", table), "mole-host": mole_model("host", table),
             "mole-storage": mole_model("storage", table if cold is None else cold),
