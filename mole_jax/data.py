@@ -21,20 +21,17 @@ windows in the order `permutation(seed, e)`, and step s takes the global samples
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import hashlib
 import os
-import sysconfig
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mole_jax.config import MoleError
+from mole_jax.corpus import default_documents  # noqa: F401  (data.default_documents, as before)
 
 DEFAULT = "default"
 TOKEN_COUNTS = "token_counts.npy"  # RUN_DIR/token_counts.npy: how often each id occurs in the training windows
@@ -53,30 +50,6 @@ class Corpus:
 
 
 # Text sources -------------------------------------------------------------------------------------------------
-@functools.cache
-def default_documents() -> tuple[str, ...]:
-    """The embedded default corpus: ~1.6 M characters of English documentation shipped with every Python
-    installation: the language reference's topics (pydoc_data.topics) and the standard library's docstrings
-    of 200+ characters (parsed with `ast`, never imported). Deterministic for a given Python version; parsed
-    once per process (it reads the whole standard library)."""
-    docs = [topics[k] for k in sorted(topics)]
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
-    for f in sorted(root.rglob("*.py")):
-        if skip.intersection(f.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(f.read_bytes())
-        except (SyntaxError, ValueError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 200:
-                    docs.append(doc)
-    return tuple(docs)
-
-
 def text_files(paths: Sequence[Path]) -> list[Path]:
     files = []
     for p in paths:

@@ -18,6 +18,20 @@ def xla_flags(devices: int) -> str:
 os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Many tests compile the same small programs, in this process, in the other workers and in the subprocesses they
+# start (CLI runs, notebook kernels, a killed run and its resumption): JAX's persistent compilation cache shares
+# them. Its key holds the program, the XLA flags and the devices, so a hit is the executable a compile would
+# give. One empty directory per session (made here by the first process, inherited by the rest), so nothing stale
+# is reused; removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mole-jax-test-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+else:
+    _OWN_CACHE = None
+
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -101,3 +115,10 @@ LONGEST_FIRST = ["test_train.py", "test_experiments.py", "test_decode.py", "test
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it, after every worker ended
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -1,11 +1,13 @@
 """Data: sources, tokenizers, the embedded default corpus, the deterministic split and batch order."""
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mole_jax import data
+from mole_jax import corpus, data
 from mole_jax.config import MoleError
 
 PROSE = """The routed experts of a Mixture of Lookup Experts read the token embedding instead of the hidden state.
@@ -29,6 +31,34 @@ def test_default_corpus_is_real_english(default_docs):
     corpus = data.open_corpus(["default"], vocab_size=512)  # what `--data default` passes
     assert corpus.description["kind"] == "default" and corpus.description["num_tokens"] > 500_000
     np.testing.assert_array_equal(data.tokenize(default_docs, corpus.tokenizer), corpus.tokens)  # deterministic
+
+
+
+def test_default_corpus_cache_holds_the_parse(tmp_path, monkeypatch):
+    """The cached documents are the parsed ones; a damaged cache file is parsed again and rewritten. (A small
+    stand-in for the standard library: the cache is named by the library's path, so the user's is not touched.)"""
+    stdlib = tmp_path / "lib"
+    (stdlib / "pkg").mkdir(parents=True)
+    (stdlib / "a.py").write_text(f'"""{PROSE}"""\n\nclass C:\n    """short"""\n\n    def f(self):\n'
+                                 f'        """{PROSE[::-1]}"""\n')
+    (stdlib / "pkg" / "b.py").write_text(f'def g():\n    """{PROSE.upper()}"""\n')
+    (stdlib / "tests").mkdir()
+    (stdlib / "tests" / "skipped.py").write_text(f'"""{PROSE}"""\n')
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    monkeypatch.setenv("MOLE_JAX_CACHE", str(tmp_path / "cache"))
+    parsed = corpus._parse_default_documents(stdlib)
+    assert parsed[-3:] == (PROSE.strip(), PROSE[::-1].strip(), PROSE.upper().strip())
+    assert corpus.default_documents.__wrapped__() == parsed  # parsed, then written
+    (cached,) = (tmp_path / "cache").glob("default-corpus-*.json")
+    assert json.loads(cached.read_text()) == list(parsed)
+    with monkeypatch.context() as m:  # read back, not parsed again
+        m.setattr(corpus, "_parse_default_documents", lambda root: pytest.fail("parsed despite the cache"))
+        assert corpus.default_documents.__wrapped__() == parsed
+    for damage in ('["cut sh', "[]", '{"a": 1}'):
+        cached.write_text(damage)
+        assert corpus.default_documents.__wrapped__() == parsed
+        assert json.loads(cached.read_text()) == list(parsed)
+    assert not list(cached.parent.glob("*.tmp"))
 
 
 def test_trained_tokenizer_is_deterministic_and_round_trips(default_docs):

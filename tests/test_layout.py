@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mole_jax"
 OPTIONAL_EXTRAS = ("lm_eval", "matplotlib", "datasets", "huggingface_hub", "torch")  # imported where used
 # docs/design.md: a module imports only from the layers above its own
-LAYERS = [["config"], ["layers", "schemes", "data"], ["model", "sampling", "row_sources"],
+LAYERS = [["config", "corpus"], ["layers", "schemes", "data"], ["model", "sampling", "row_sources"],
           ["sharding", "checkpoint", "lut"], ["train_step", "lut_writer", "decoder"],
           ["evaluation", "convert", "hf", "offload", "upcycling"], ["train", "decode"], ["bench", "harness"],
           ["quickstart", "cli"]]

@@ -30,26 +30,6 @@ TC = TrainConfig(steps=10, batch_size=16, seq_len=64, peak_lr=3e-3, warmup_frac=
 CLI = [sys.executable, "-m", "mole_jax.cli"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs below compile the same programs in several processes (a killed run and its resumption, the
-    uninterrupted reference): share them through JAX's persistent compilation cache, empty at the start of
-    each session so that nothing stale is reused."""
-    from jax._src import compilation_cache
-
-    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # for the subprocesses
-    for k, v in env.items():
-        jax.config.update(k.lower(), v if k.endswith("DIR") else int(v))
-    yield
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    jax.config.update("jax_compilation_cache_dir", None)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
     """Real English (the language reference's prose) and a BPE tokenizer trained on it once for all tests."""

@@ -3,6 +3,7 @@ tasks scored through lm-eval and the mole_jax adapter, and the --plan estimate o
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -49,13 +50,25 @@ def zero_shot(run_path: Path, tasks: Sequence[str], *, lut: Path | None = None, 
     model_args = f"path={run_path}" + (f",lut={lut}" if lut else "")
     out = lm_eval.simple_evaluate(model="mole_jax", model_args=model_args, tasks=list(tasks), limit=limit,
                                   batch_size=batch_size, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=include_path))
+                                  task_manager=_task_manager(TaskManager, include_path, tuple(tasks)))
     results = {}
     for task in tasks:
         r = out["results"].get(task, {})
         results[task] = {k.split(",")[0]: float(v) for k, v in r.items()
                          if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, (int, float))}
     return results
+
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(task_manager_cls, include_path: str | None, tasks: tuple[str, ...]):
+    """One TaskManager per process and task set: building lm-eval's index of its own few thousand task YAMLs
+    takes seconds, so it is built once, and not at all when `include_path` holds every requested task."""
+    if include_path is not None:
+        local = task_manager_cls(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return task_manager_cls(include_path=include_path)
 
 
 def plan(ctx: Context, models: Sequence[Model]) -> None:
