@@ -36,6 +36,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from mole_jax import checkpoint
 from mole_jax.config import MoleError
 from mole_jax.data import EOS, check_tokenizer, load_tokenizer
 from mole_jax.decode import load
@@ -280,12 +281,32 @@ def _check_device(device: str | None) -> None:
                  jax.default_backend())
 
 
+def _check_checkpoint_first(argv: list[str]) -> None:
+    """A missing checkpoint fails at once: lm-eval would first build its task index (seconds) and only then make
+    the model. The model makes the same check again."""
+    def value(flag: str) -> str | None:
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "="):
+                return a[len(flag) + 1:]
+        return None
+
+    if value("--model") not in ("mole_jax", "mole-jax"):
+        return
+    model_args = dict(kv.split("=", 1) for kv in (value("--model_args") or "").split(",") if "=" in kv)
+    if "path" in model_args:
+        checkpoint.locate(model_args["path"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI (`lm-eval run ...`, `lm-eval ls tasks`, ...) with the mole_jax model registered."""
     from lm_eval.__main__ import cli_evaluate  # lm-eval's registry, and "mole_jax" in it, are loaded by now
 
-    sys.argv = ["python -m mole_jax.harness", *(sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = ["python -m mole_jax.harness", *argv]
     try:
+        _check_checkpoint_first(argv)
         cli_evaluate()
     except MoleError as e:
         print("mole-jax: error: " + " ".join(str(e).split()), file=sys.stderr)

@@ -32,8 +32,13 @@ _socket.socket.connect = _local_only
 """
 
 
-def _run(name: str, workdir: Path, **env_changes) -> nbformat.NotebookNode:
+def _run(name: str, workdir: Path, parameters: str = "", **env_changes) -> nbformat.NotebookNode:
+    """Runs a notebook; `parameters`, if given, is a cell run right after its parameters cell (as papermill
+    injects one)."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    if parameters:
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters))
     nb.cells.insert(0, nbformat.v4.new_code_cell(NO_NETWORK))
     # one CPU device as a user would have (conftest fakes four for the sharding tests), offline
     env = dict(os.environ)
@@ -64,7 +69,7 @@ def test_committed_without_outputs(name):
 
 
 def test_quickstart_runs(tmp_path):
-    nb = _run("quickstart.ipynb", tmp_path)
+    nb = _run("quickstart.ipynb", tmp_path, parameters="STEPS = 80")  # enough to learn; the default is a demo's
     text = _text(nb)
     losses = re.search(r"training loss ([\d.]+), validation loss ([\d.]+)", text)
     assert losses and float(losses.group(2)) < 5.5  # trained: a uniform guess over 512 ids is 6.24 nats

@@ -9,7 +9,8 @@ from mole_jax.quickstart import run
 
 
 def test_quickstart_end_to_end_and_rerun(tmp_path):
-    report = run(tmp_path / "qs", preset="tiny-mole", steps=30, timing_steps=8, max_new_tokens=8, progress=False)
+    settings = dict(preset="tiny-mole", steps=30, seq_len=64, timing_steps=8, max_new_tokens=8, progress=False)
+    report = run(tmp_path / "qs", **settings)
     assert report["steps"] == 30 and report["final_loss"] < report["first_loss"]
     assert report["generated"] and isinstance(report["generated"], str)
     table = lut.open_lut(tmp_path / "qs" / "mole" / "lut")
@@ -23,7 +24,7 @@ def test_quickstart_end_to_end_and_rerun(tmp_path):
     saved = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert saved["lut_bytes_on_disk"] == report["lut_bytes_on_disk"]
     mtime = (tmp_path / "qs" / "mole" / "lut" / lut.META_KEY).stat().st_mtime_ns
-    again = run(tmp_path / "qs", preset="tiny-mole", steps=30, timing_steps=8, max_new_tokens=8, progress=False)
+    again = run(tmp_path / "qs", **settings)
     assert again["final_loss"] == report["final_loss"] and again["generated"] == report["generated"]
     assert (tmp_path / "qs" / "mole" / "lut" / lut.META_KEY).stat().st_mtime_ns == mtime  # table reused
 
