@@ -17,6 +17,7 @@ step split around the row fetch (`front` of block 0 first, then `forward(..., re
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -356,11 +357,20 @@ Params = dict
 
 def graphdef_and_shapes(cfg: ModelConfig, *, with_experts: bool = True):
     """The module's graph definition and its parameters' shapes and dtypes, without allocating anything."""
+    graphdef, shapes = _graphdef_and_shapes(cfg, with_experts)
+    return graphdef, jax.tree.map(lambda s: s, shapes)  # a dict of its own: the caller may change it
+
+
+# Tracing a module's construction takes a tenth of a second at any size, and every jitted entry point, checkpoint
+# read and sharding rule asks for the same few configs: built once per (config, form).
+@functools.lru_cache(maxsize=32)
+def _graphdef_and_shapes(cfg: ModelConfig, with_experts: bool):
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), with_experts=with_experts))
     graphdef, state = nnx.split(abstract)
     return graphdef, nnx.to_pure_dict(state)
 
 
+@functools.lru_cache(maxsize=32)
 def block_graphdef(cfg: ModelConfig, *, with_experts: bool = True):
     """One block's graph definition: `nnx.merge(block_graphdef(cfg), params["blocks"][l])` is layer l alone."""
     return nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0), with_experts=with_experts)))[0]

@@ -9,6 +9,7 @@ is replicated, so any device count works (prime test dims included).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -50,6 +51,11 @@ def spec_for(shape: tuple[int, ...], axes: tuple, mesh: Mesh) -> P:
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, *, with_experts: bool = True) -> dict:
     """NamedShardings for the params pytree (the same nested dict as model.init_params)."""
+    return jax.tree.map(lambda s: s, _param_shardings(cfg, mesh, with_experts))  # a dict the caller may change
+
+
+@functools.lru_cache(maxsize=32)  # asked for often, and tracing the module's construction is not free
+def _param_shardings(cfg: ModelConfig, mesh: Mesh, with_experts: bool) -> dict:
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), with_experts=with_experts))
     state = nnx.state(abstract, nnx.Param)
     specs = jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.shape, v.get_metadata()["axes"], mesh)),

@@ -15,17 +15,21 @@ from mole_jax import checkpoint, layers, lut, row_sources, sharding
 from mole_jax.config import REMAT_POLICIES, ConfigError, MoleError, TrainConfig
 from mole_jax.convert import convert_to_lut
 from mole_jax.decode import LanguageModel, load
-from mole_jax.model import graphdef_and_shapes, init_params, moe_impl
+from mole_jax.model import DECODE_ROWS, graphdef_and_shapes, init_params, moe_impl
 from mole_jax.train_step import ShardedStep, TrainState, loss_fn, make_grad_fn, make_optimizer, make_train_step
 
 B, T = 4, 13  # T + 1 = 14 tokens per row; no dimension equals the prime config's N = 5
+T_TRAIN = 37  # B * T_TRAIN = 148 tokens, more than model.DECODE_ROWS: a training batch's MoE path
 CAPACITY = 24  # MoLE dedup: room for every distinct id of the batch below (ids < 20)
 PROMPTS = [[5, 17, 96, 0, 3, 3, 41], [88, 2], [60, 71, 9, 13, 13, 13, 2, 40, 1, 7, 77]]
 
 
-def _tokens(cfg, seed=0, high=None):
+def _tokens(cfg, seed=0, high=None, length=T):
     high = cfg.vocab_size if high is None else high
-    return jnp.asarray(np.random.default_rng(seed).integers(0, high, (B, T + 1)), jnp.int32)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, high, (B, length + 1)), jnp.int32)
+
+
+assert B * T_TRAIN > DECODE_ROWS
 
 
 def _assert_trees_close(actual, expected, rtol):
@@ -48,7 +52,7 @@ def remat_cases():
         if case not in cache:
             kind, rows = CASES[case]
             cfg = prime_config(kind, num_layers=2)
-            params, tokens = init_params(cfg, seed=31), _tokens(cfg, high=20)
+            params, tokens = init_params(cfg, seed=31), _tokens(cfg, high=20, length=T_TRAIN)
             cache[case] = cfg, rows, params, tokens, jax.jit(make_grad_fn(cfg, dedup_rows=rows))(params, tokens)
         return cache[case]
 
@@ -312,7 +316,7 @@ def test_attention_auto_and_its_fallback_match_reference(monkeypatch):
 def _moe_grads(impl: str):
     cfg = prime_config("moe", num_layers=1, moe_impl=impl)
     graphdef = graphdef_and_shapes(cfg)[0]  # the blocks read moe_impl from their graph definition
-    params, tokens = init_params(cfg, seed=36), _tokens(cfg)
+    params, tokens = init_params(cfg, seed=36), _tokens(cfg, length=T_TRAIN)
     return jax.jit(jax.grad(lambda p: loss_fn(p, graphdef, cfg, tokens)[0]))(params)
 
 

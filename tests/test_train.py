@@ -122,7 +122,8 @@ def test_grad_accumulation_equals_one_batch():
 def test_moe_objective_adds_aux_losses_mole_adds_none(kind):
     cfg = prime_config(kind)
     graphdef, _ = graphdef_and_shapes(cfg)
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    # 4 x 37 predicted tokens: more than model.DECODE_ROWS, so the MoE runs its training path
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 38)), jnp.int32)
     params = init_params(cfg)
     objective, m = jax.jit(lambda p, t: loss_fn(p, graphdef, cfg, t))(params, tokens)
     logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits_BxTxV)(params, tokens[:, :-1])
