@@ -94,9 +94,11 @@ def moe_impl(cfg: ModelConfig, num_assignments: int, backend: str) -> str:
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     if backend == "cpu":
-        # One matmul per expert, skipped when idle (lax.cond): on CPU a decode token reads only the chosen experts'
-        # weights and a training batch needs no weight transposes (docs/design.md).
-        return "skip"
+        # One matmul per expert either way (no weight transposes, docs/design.md). Decode-sized batches skip the
+        # experts no row chose and run the others on their rows only (lax.switch), so a decode token reads only
+        # its chosen experts' weights; in a larger batch nearly every expert is chosen, and the plain weighted sum
+        # over experts does the same matmuls without the sorts, gathers and scatters (and compiles faster).
+        return "skip" if num_assignments <= DECODE_ROWS * cfg.top_k else "dense"
     # On accelerators a cond per expert would be a host round trip: gather the few chosen experts' weights when
     # decoding, else dropless grouped matmuls: lax.ragged_dot on TPU; on GPU, where XLA lowers ragged_dot to a
     # masked dense matmul (every expert on every row), batched GEMMs over tiles of one expert's rows.

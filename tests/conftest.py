@@ -108,9 +108,10 @@ def neox_tokenizer_path():
 
 # pytest-xdist (pytest.ini: --dist loadfile) hands whole files to its workers in collection order: the longest
 # first, so that none of them starts last and runs alone.
-LONGEST_FIRST = ["test_train.py", "test_experiments.py", "test_decode.py", "test_model.py", "test_upcycle.py", "test_accelerator_paths.py",
-                 "test_harness.py", "test_accelerator.py", "test_integrity.py", "test_binding.py",
-                 "test_notebooks.py", "test_quickstart.py", "test_convert.py", "test_hf.py", "test_data.py"]
+LONGEST_FIRST = ["test_train.py", "test_experiments.py", "test_decode.py", "test_upcycle.py", "test_model.py",
+                 "test_notebooks.py", "test_harness.py", "test_convert.py", "test_accelerator_paths.py",
+                 "test_accelerator.py", "test_quickstart.py", "test_hf.py", "test_integrity.py", "test_sampling.py",
+                 "test_lut.py", "test_data.py", "test_layout.py", "test_binding.py"]
 
 
 def pytest_collection_modifyitems(items):
