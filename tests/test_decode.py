@@ -335,8 +335,11 @@ def test_bench_decode_runs(tmp_path):
 
     out = bench_decode(preset_size="tiny", batch_sizes=(1,), prompt_len=16, steps=4, warmup=2, chunk=2,
                        workdir=tmp_path, json_path=tmp_path / "decode.json")
-    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    saved = json.loads((tmp_path / "decode.json").read_text())
+    rows = saved["rows"]
     assert rows == out["rows"]
+    host = saved["machine"]  # enough to tell two machines' figures apart
+    assert host["backend"] == "cpu" and host["host_cpu"] and host["host_cores"] >= 1
     models = ["dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage", "mole-storage-warm"]
     assert [(r["model"], r["batch_size"]) for r in rows] == [(m, 1) for m in DECODE_MODELS]
     assert set(models) <= set(DECODE_MODELS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -104,9 +105,23 @@ class PreadPool:
 
 
 def machine() -> dict[str, Any]:
+    """What a figure was measured on: the device, and the host's CPU and the cores this process may use (on CPU
+    they are the device; elsewhere they feed it), so that two machines' figures can be told apart."""
     dev = jax.devices()[0]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
-            "device_count": jax.device_count(), "jax": jax.__version__}
+            "device_count": jax.device_count(), "jax": jax.__version__, "host_cpu": host_cpu(), "host_cores": cores}
+
+
+def host_cpu() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str], file=sys.stdout) -> None:

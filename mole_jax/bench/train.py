@@ -53,7 +53,8 @@ def bench_train(preset_size: str = "small", *, tokens_per_step: Sequence[int] = 
         r["step_time_vs_dense"] = r["step_ms"] / base["step_ms"]
     info = machine()
     _print_report(rows, tokens_per_step, f"{preset_size}-dense vs {preset_size}-mole, {dtype}, seq_len {seq_len}, "
-                  f"{info['device_count']} x {info['device']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+                  f"{info['device_count']} x {info['device']} (host: {info['host_cpu']}, {info['host_cores']} "
+                  f"cores); matmul peak {peak / 1e9:.1f} GFLOP/s")
     write_json(json_path, [{**r, **info} for r in rows])
     return rows
 
