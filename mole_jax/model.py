@@ -359,17 +359,16 @@ Params = dict
 
 def graphdef_and_shapes(cfg: ModelConfig, *, with_experts: bool = True):
     """The module's graph definition and its parameters' shapes and dtypes, without allocating anything."""
-    graphdef, shapes = _graphdef_and_shapes(cfg, with_experts)
-    return graphdef, jax.tree.map(lambda s: s, shapes)  # a dict of its own: the caller may change it
+    graphdef, state = nnx.split(abstract_module(cfg, with_experts=with_experts))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 # Tracing a module's construction takes a tenth of a second at any size, and every jitted entry point, checkpoint
 # read and sharding rule asks for the same few configs: built once per (config, form).
 @functools.lru_cache(maxsize=32)
-def _graphdef_and_shapes(cfg: ModelConfig, with_experts: bool):
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), with_experts=with_experts))
-    graphdef, state = nnx.split(abstract)
-    return graphdef, nnx.to_pure_dict(state)
+def abstract_module(cfg: ModelConfig, *, with_experts: bool = True) -> Transformer:
+    """The model with shapes and metadata (sharding axes) in place of arrays: shared, so read it, never change it."""
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), with_experts=with_experts))
 
 
 @functools.lru_cache(maxsize=32)

@@ -9,7 +9,6 @@ is replicated, so any device count works (prime test dims included).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -18,7 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mole_jax.config import ModelConfig, MoleError
-from mole_jax.model import Transformer
+from mole_jax.model import abstract_module
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
@@ -51,13 +50,7 @@ def spec_for(shape: tuple[int, ...], axes: tuple, mesh: Mesh) -> P:
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, *, with_experts: bool = True) -> dict:
     """NamedShardings for the params pytree (the same nested dict as model.init_params)."""
-    return jax.tree.map(lambda s: s, _param_shardings(cfg, mesh, with_experts))  # a dict the caller may change
-
-
-@functools.lru_cache(maxsize=32)  # asked for often, and tracing the module's construction is not free
-def _param_shardings(cfg: ModelConfig, mesh: Mesh, with_experts: bool) -> dict:
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), with_experts=with_experts))
-    state = nnx.state(abstract, nnx.Param)
+    state = nnx.state(abstract_module(cfg, with_experts=with_experts), nnx.Param)
     specs = jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.shape, v.get_metadata()["axes"], mesh)),
                          state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(specs)
