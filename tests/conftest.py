@@ -106,6 +106,33 @@ def neox_tokenizer_path():
     return NEOX_TOKENIZER
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker per CPU this process may run on, within the cgroup's CPU quota if one is
+    set. xdist's own count asks psutil (installed with ipykernel) for physical cores, and a VM whose two vCPUs are
+    presented as the two threads of one core (common for 2-vCPU cloud machines) has one: the suite ran serially
+    there, in about twice the time. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(len(os.sched_getaffinity(0)), _cgroup_cpu_quota() or os.cpu_count() or 1))
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs allowed by the cgroup's CFS quota (v2 cpu.max or v1 cfs_quota_us / cfs_period_us), rounded up; None if
+    unlimited or unknown."""
+    import math
+
+    for path, read in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                       ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
+                           "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):
+        try:
+            quota, period = read(Path(path).read_text())
+            if quota not in ("max", "-1"):
+                return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 # pytest-xdist (pytest.ini: --dist loadfile) hands whole files to its workers in collection order: the longest
 # first, so that none of them starts last and runs alone.
 LONGEST_FIRST = ["test_train.py", "test_experiments.py", "test_decode.py", "test_upcycle.py", "test_model.py",

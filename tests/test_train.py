@@ -290,7 +290,8 @@ def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     cmd = CLI + ["train", "--preset", "tiny-mole", "--out", str(out), "--steps", "120", "--batch-size", "16",
                  "--seq-len", "64", "--lr", "3e-3", "--checkpoint-every", "60", "--eval-every", "40"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # one device, as on a laptop (four fake ones cost a third more CPU; sharding has its own tests above)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": xla_flags(1)})
     assert r.returncode == 0, r.stderr[-3000:]
     return out, cmd, r
 
