@@ -265,7 +265,8 @@ def _cmd_bench_decode(args):
 
     bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                  link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
-                 dtype=args.dtype, workdir=args.workdir, json_path=args.json, plot_path=args.plot)
+                 dtype=args.dtype, device_rows=args.device_rows, workdir=args.workdir, json_path=args.json,
+                 plot_path=args.plot)
 
 
 def _add_bench_decode(bench_sub):
@@ -280,6 +281,8 @@ def _add_bench_decode(bench_sub):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each turn of timed steps")
     p.add_argument("--lut-dtype", default="float16", help="table scheme (the paper stores float16)")
     p.add_argument("--dtype", default=None, help="activations/params dtype (default float32 on CPU, else bfloat16)")
+    p.add_argument("--device-rows", type=int, default=None,
+                   help="the *-tier rows' device tier: this many of the most frequent ids (default 10%% of V)")
     p.add_argument("--workdir", default=None, help="where to write the random table (default: a temporary dir)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also plot ms/step per batch size to this image (matplotlib)")

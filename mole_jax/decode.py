@@ -25,7 +25,7 @@ from mole_jax.lut import LookupTable, fingerprint, open_lut, table_inputs
 from mole_jax.model import ArrayRows, Params, graphdef_and_shapes, without_routed_experts
 from mole_jax.offload import OffloadDecoder
 from mole_jax.row_sources import PLACEMENTS, DeviceTable, TieredRows, device_tier, next_pow2
-from mole_jax.sampling import Sampler, positions
+from mole_jax.sampling import Sampler, generation_sampler, positions
 
 
 def check_ids(ids, cfg: ModelConfig, *, max_len: int | None = None) -> np.ndarray:
@@ -197,10 +197,9 @@ class LanguageModel:
             raise MoleError(f"top_p must be in (0, 1], got {top_p}")
         if temperature == 0:
             return None
-        # The vocabulary-wide sampler: top-k's candidate count is a static shape (sampling.make_sampler), so
-        # every top_k bucket would trace the step again; generation keeps one trace for all settings.
-        return self.decoder.transfers.put(Sampler(np.float32(temperature), np.int32(min(top_k or V, V)),
-                                                  np.float32(top_p or 1.0)))
+        # One static form for every setting (one trace of the step): the largest GENERATE_CANDIDATES logits, the
+        # full sort only for a row whose cutoff lies beyond them (sampling.generation_sampler).
+        return self.decoder.transfers.put(generation_sampler(temperature, top_k, top_p, V, jax.default_backend()))
 
     def _steps(self, prompts: list[np.ndarray], max_new_tokens: int, sampler: Sampler | None,
                seed: int) -> Iterator[tuple[np.ndarray, jax.Array]]:

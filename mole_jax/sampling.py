@@ -4,18 +4,22 @@ A decode step ends with `advance`: sample the next token of every sequence from 
 temperature / top-k / top-p with a device-side key) and carry everything the next step needs in a DecodeState.
 
 Top-k and top-p keep every token whose logit reaches a cutoff; only the cutoff needs the largest logits in order.
-With top-k, `lax.top_k` of a static number of candidates (the top_k setting rounded up to a power of two, so
-changing top_k rarely retraces) gives them without sorting the vocabulary, and the token is drawn among those
-candidates (a [B, C] draw: the [B, V] random draw costs more than the sort on CPU). Without top-k, top-p needs the
-whole vocabulary sorted. Both paths keep the same tokens with the same probabilities (`probabilities`,
-tests/test_sampling.py); a draw from the same key picks among them differently.
+`lax.top_k` of a static number of candidates C gives them without sorting the vocabulary, and the token is drawn
+among those candidates (a [B, C] draw: the [B, V] random draw costs more than the sort on CPU). The cutoff lies
+among the C candidates when top_k <= C, or, without top-k, when the candidates' probability reaches top_p (a
+peaked distribution); otherwise only the whole vocabulary sorted finds it. Two forms:
+- `make_sampler`: C is top_k rounded up to a power of two (exact by construction; a new C is a new trace);
+- `generation_sampler`: C fixed (GENERATE_CANDIDATES), and a row whose cutoff lies beyond the candidates sends the
+  step to the full sort (lax.cond), so that one trace serves every top_k and top_p (LanguageModel.generate).
+Both keep the same tokens with the same probabilities as the full sort (`probabilities`, tests/test_sampling.py); a
+draw from the same key picks among them differently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +27,11 @@ import numpy as np
 
 from mole_jax.layers import KVCache
 
+GENERATE_CANDIDATES = 128  # generation_sampler's C: covers the usual top_k settings (40, 50, 100)
+
 
 @partial(jax.tree_util.register_dataclass, data_fields=("temperature", "top_k", "top_p"),
-         meta_fields=("candidates",))
+         meta_fields=("candidates", "fallback"))
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Sampling settings as device scalars, so that changing them does not retrace the step."""
@@ -33,7 +39,8 @@ class Sampler:
     temperature: jax.Array  # float32, > 0 (temperature 0 is the static greedy path)
     top_k: jax.Array  # int32 in [1, V]; V keeps every token
     top_p: jax.Array  # float32 in (0, 1]; 1 keeps every token
-    candidates: int = 0  # static: top_k <= candidates < V, the largest logits the cutoff is found among; 0: all V
+    candidates: int = 0  # static: C < V, the largest logits the cutoff is looked for among; 0: all V, sorted
+    fallback: bool = False  # static: a cutoff beyond the C candidates takes the full sort (else top_k <= C holds)
 
 
 def top_k_candidates(top_k: int | None, vocab_size: int) -> int:
@@ -52,45 +59,86 @@ def make_sampler(temperature: float, top_k: int | None, top_p: float | None, voc
                    candidates=top_k_candidates(top_k, vocab_size))
 
 
-def _cutoff(desc_BxC: jax.Array, sampler: Sampler) -> jax.Array:
-    """The smallest logit kept [B, 1], from the C largest logits in descending order (C >= top_k)."""
+def generation_sampler(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int,
+                       backend: str) -> Sampler:
+    """A Sampler of host scalars whose static part is the same for every setting: one trace of the decode step.
+    On GPU the full sort (the check would be a conditional, whose predicate XLA's GPU backend reads on the host in
+    the middle of the step); elsewhere the C = GENERATE_CANDIDATES largest logits, falling back to the full sort
+    for a row whose cutoff lies beyond them."""
+    C = GENERATE_CANDIDATES if backend != "gpu" and GENERATE_CANDIDATES < vocab_size else 0
+    return Sampler(np.float32(temperature), np.int32(min(top_k or vocab_size, vocab_size)),
+                   np.float32(top_p or 1.0), candidates=C, fallback=C > 0)
+
+
+def _cutoff(desc_BxC: jax.Array, sampler: Sampler, lse_V_Bx1: jax.Array | None = None) -> jax.Array:
+    """The smallest logit kept [B, 1], from the C largest logits in descending order. The probabilities top-p
+    reads are normalised over the top-k kept tokens: those among the C when top_k <= C; with lse_V_Bx1 (the
+    log-normaliser of the whole vocabulary) and top_k > C, every token (only exact for top_k = V)."""
     kth_Bx1 = desc_BxC[:, jnp.clip(sampler.top_k, 1, desc_BxC.shape[-1]) - 1][:, None]
     desc_BxC = jnp.where(desc_BxC < kth_Bx1, -jnp.inf, desc_BxC)
-    probs_BxC = jax.nn.softmax(desc_BxC, axis=-1)
+    lse_Bx1 = jax.nn.logsumexp(desc_BxC, axis=-1, keepdims=True)
+    if lse_V_Bx1 is not None:
+        lse_Bx1 = jnp.where(sampler.top_k <= desc_BxC.shape[-1], lse_Bx1, lse_V_Bx1)
+    probs_BxC = jnp.exp(desc_BxC - lse_Bx1)
     mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC  # of the strictly more likely tokens
     keep_BxC = (desc_BxC > -jnp.inf) & ((mass_before_BxC < sampler.top_p) | (sampler.top_p >= 1.0))
     return jnp.min(jnp.where(keep_BxC, desc_BxC, jnp.inf), axis=-1, keepdims=True)
 
 
-def _kept(logits_BxV: jax.Array, sampler: Sampler) -> tuple[jax.Array, jax.Array | None]:
-    """The tempered logits with every token below the cutoff at -inf: [B, C] candidates and their ids (top-k
-    path), or [B, V] and None."""
+class _Kept(NamedTuple):
+    logits: jax.Array  # the tempered logits with every token below the cutoff at -inf: [B, C] or [B, V]
+    ids: jax.Array | None  # [B, C] the candidates' token ids; None: `logits` spans the vocabulary
+
+
+def _kept(logits_BxV: jax.Array, sampler: Sampler, then: Callable[[_Kept], jax.Array]) -> jax.Array:
+    """then(the kept tokens of the tempered logits): from the C candidates when the cutoff lies among them, else
+    from the whole vocabulary sorted (with `fallback` a runtime choice, lax.cond; without, a static one)."""
     logits_BxV = logits_BxV / sampler.temperature
-    if 0 < sampler.candidates < logits_BxV.shape[-1]:
-        desc_BxC, ids_BxC = jax.lax.top_k(logits_BxV, sampler.candidates)
-        return jnp.where(desc_BxC < _cutoff(desc_BxC, sampler), -jnp.inf, desc_BxC), ids_BxC
-    cutoff_Bx1 = _cutoff(-jnp.sort(-logits_BxV, axis=-1), sampler)
-    return jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV), None
+    V, C = logits_BxV.shape[-1], sampler.candidates
+
+    def full_sort():
+        cutoff_Bx1 = _cutoff(-jnp.sort(-logits_BxV, axis=-1), sampler)
+        return then(_Kept(jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV), None))
+
+    if not 0 < C < V:
+        return full_sort()
+    desc_BxC, ids_BxC = jax.lax.top_k(logits_BxV, C)
+    lse_V_Bx1 = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True) if sampler.fallback else None
+
+    def candidates():
+        return then(_Kept(jnp.where(desc_BxC < _cutoff(desc_BxC, sampler, lse_V_Bx1), -jnp.inf, desc_BxC), ids_BxC))
+
+    if not sampler.fallback:
+        return candidates()
+    # Without top-k (top_k = V), the cutoff is among the candidates when their probability reaches top_p.
+    mass_B = jnp.sum(jnp.exp(desc_BxC - lse_V_Bx1), axis=-1)
+    fits = jnp.all((sampler.top_k <= C) | ((sampler.top_k >= V) & (mass_B >= sampler.top_p)))
+    return jax.lax.cond(fits, candidates, full_sort)
 
 
 def sample(logits_BxV: jax.Array, key: jax.Array, sampler: Sampler | None) -> jax.Array:
     """Next token per row: argmax when `sampler` is None, else temperature, top-k then top-p (nucleus) sampling."""
     if sampler is None:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    kept, ids_BxC = _kept(logits_BxV, sampler)
-    choice_B = jax.random.categorical(key, kept, axis=-1)
-    if ids_BxC is not None:
-        choice_B = jnp.take_along_axis(ids_BxC, choice_B[:, None], axis=-1)[:, 0]
-    return choice_B.astype(jnp.int32)
+
+    def draw(kept: _Kept) -> jax.Array:
+        choice_B = jax.random.categorical(key, kept.logits, axis=-1)
+        if kept.ids is not None:
+            choice_B = jnp.take_along_axis(kept.ids, choice_B[:, None], axis=-1)[:, 0]
+        return choice_B.astype(jnp.int32)
+
+    return _kept(logits_BxV, sampler, draw)
 
 
 def probabilities(logits_BxV: jax.Array, sampler: Sampler) -> jax.Array:
     """What `sample` draws each row's token from: float32 [B, V], zero outside the kept tokens."""
-    kept, ids_BxC = _kept(logits_BxV, sampler)
-    probs = jax.nn.softmax(kept, axis=-1)
-    if ids_BxC is None:
-        return probs
-    return jnp.zeros(logits_BxV.shape, probs.dtype).at[jnp.arange(len(ids_BxC))[:, None], ids_BxC].set(probs)
+    def spread(kept: _Kept) -> jax.Array:
+        probs = jax.nn.softmax(kept.logits, axis=-1)
+        if kept.ids is None:
+            return probs
+        return jnp.zeros(logits_BxV.shape, probs.dtype).at[jnp.arange(len(kept.ids))[:, None], kept.ids].set(probs)
+
+    return _kept(logits_BxV, sampler, spread)
 
 
 class DecodeState(NamedTuple):

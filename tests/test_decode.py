@@ -334,8 +334,9 @@ def test_bench_decode_runs(tmp_path):
     from mole_jax.bench.decode import CACHE, DECODE_MODELS
 
     out = bench_decode(preset_size="tiny", batch_sizes=(1,), prompt_len=16, steps=4, warmup=2, chunk=2,
-                       workdir=tmp_path, json_path=tmp_path / "decode.json")
+                       device_rows=64, workdir=tmp_path, json_path=tmp_path / "decode.json")
     saved = json.loads((tmp_path / "decode.json").read_text())
+    assert saved["settings"]["device_rows"] == 64  # --device-rows: the tier rows' tier
     rows = saved["rows"]
     assert rows == out["rows"]
     host = saved["machine"]  # enough to tell two machines' figures apart
@@ -358,6 +359,9 @@ def test_bench_decode_runs(tmp_path):
     assert storage["cold_check"]["dropped_bytes"] > 0
     assert storage["floor"]["rows"] >= 4 and storage["floor"]["pread_rows_per_s"] > 0
     assert 0 <= by["mole-storage", 1]["reread_fraction"] < 1
+    assert 0 <= by["mole-host-tier", 1]["hit_rate"] <= 1 and by["mole-host", 1]["hit_rate"] is None
+    status, _, err = run_cli("bench", "decode", "--preset-size", "tiny", "--device-rows", "0")
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "--device-rows must be a positive" in err
 
 
 def test_row_byte_ranges_hold_the_stored_rows(mole_run):

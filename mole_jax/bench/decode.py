@@ -58,8 +58,8 @@ class Turns:
 
 def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1, 8, 32), prompt_len: int = 512,
                  link_gbps: float = 16.0, steps: int = 50, warmup: int = 3, chunk: int = 10,
-                 lut_dtype: str = "float16", dtype: str | None = None, workdir=None, json_path=None,
-                 plot_path=None) -> dict:
+                 lut_dtype: str = "float16", dtype: str | None = None, device_rows: int | None = None,
+                 workdir=None, json_path=None, plot_path=None) -> dict:
     """The paper's Figure 3 on this machine: decode ms/step of Dense, MoE (experts resident), MoE with expert
     offloading, and MoLE with its table on the device, in host RAM and on disk; models of equal activated size with
     random weights, each step after a KV cache of `prompt_len` positions (random keys/values: a step's cost does not
@@ -69,6 +69,8 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
     to move: dense, moe, mole-device) + bytes moved per step over a `link_gbps` link: the paper's estimation."""
     if preset_size not in DECODE_FAMILIES:
         raise MoleError(f"unknown preset size {preset_size!r}: choose one of {', '.join(DECODE_FAMILIES)}")
+    if device_rows is not None and device_rows < 1:
+        raise MoleError(f"--device-rows must be a positive number of table rows, got {device_rows}")
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     cache_len = prompt_len + warmup + chunk + 1  # as the paper's HF cache: the positions in use
     cfgs = _configs(preset_size, dtype, cache_len)
@@ -82,7 +84,7 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
         print(f"page cache dropped: first read of {cold_check['file']} ({cold_check['bytes'] / 2**20:.1f} MiB) "
               f"{cold_check['first_read_mb_per_s']:.0f} MB/s, second read {cold_check['second_read_mb_per_s']:.0f} "
               "MB/s")
-        rows = _measure(cfgs, table, cold, batch_sizes, turns)
+        rows = _measure(cfgs, table, cold, batch_sizes, turns, device_rows)
         floor = storage_floor(cold)
     by = _derive(rows, modeled_key, link_gbps, np.dtype(lut_dtype).itemsize / np.dtype(dtype).itemsize)
 
@@ -100,6 +102,7 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
                             "batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "cache_len": cache_len,
                             "steps": steps, "warmup": warmup, "chunk": chunk, "link_gbps": link_gbps,
                             "lut_dtype": lut_dtype, "dtype": dtype, "weights": "random",
+                            "device_rows": _tier_rows(cfgs["mole"].vocab_size, device_rows),
                             "lut": "random rows of the right shape and scheme",
                             "tokens": f"sampled, temperature 1, top-k {SAMPLE_TOP_K}, a new seed every turn",
                             "cold": "page cache dropped before each turn (posix_fadvise DONTNEED), no "
@@ -152,8 +155,8 @@ def _random_table(path: Path, mole: ModelConfig, lut_dtype: str) -> LookupTable:
     return table
 
 
-def _model_builders(cfgs: dict[str, ModelConfig], table: LookupTable,
-                    cold: ColdTable | None = None) -> dict[str, Callable[[], LanguageModel]]:
+def _model_builders(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable | None = None,
+                    device_rows: int | None = None) -> dict[str, Callable[[], LanguageModel]]:
     """Every model but Dense, built when its turn comes: a 160M MoLE table is 3.5 GiB per copy. `cold`: the table
     of the cold storage rows (CACHE), `table` the warm one."""
     moe, mole = cfgs["moe"], cfgs["mole"]
@@ -168,8 +171,12 @@ def _model_builders(cfgs: dict[str, ModelConfig], table: LookupTable,
             "mole-device": mole_model("device", table), "mole-host": mole_model("host", table),
             "mole-storage": mole_model("storage", table if cold is None else cold),
             "mole-storage-warm": mole_model("storage", table),
-            "mole-host-tier": lambda: _tiered(mole, table, "host"),
-            "mole-storage-tier": lambda: _tiered(mole, table if cold is None else cold, "storage")}
+            "mole-host-tier": lambda: _tiered(mole, table, "host", device_rows),
+            "mole-storage-tier": lambda: _tiered(mole, table if cold is None else cold, "storage", device_rows)}
+
+
+def _tier_rows(vocab_size: int, device_rows: int | None) -> int:
+    return min(device_rows or max(1, vocab_size // 10), vocab_size)
 
 
 def _tiered(mole: ModelConfig, table, placement: str, device_rows: int | None = None) -> LanguageModel:
@@ -178,16 +185,16 @@ def _tiered(mole: ModelConfig, table, placement: str, device_rows: int | None = 
     training data of its own)."""
     V = mole.vocab_size
     counts_V = data.token_counts(data.open_corpus(None, vocab_size=V).tokens, V)
-    tier_K = tier_ids(counts_V, min(device_rows or max(1, V // 10), V), V)
+    tier_K = tier_ids(counts_V, _tier_rows(V, device_rows), V)
     return LanguageModel(mole, init_params(mole, seed=2, with_experts=False), table=table, placement=placement,
                          tier_K=tier_K)
 
 
 def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, batch_sizes: Sequence[int],
-             turns: Turns) -> list[dict[str, Any]]:
+             turns: Turns, device_rows: int | None = None) -> list[dict[str, Any]]:
     """One row per (model, batch size). Each model takes turns with Dense (its own ratio is then immune to a
     drifting machine load), one model at a time."""
-    build = _model_builders(cfgs, table, cold)
+    build = _model_builders(cfgs, table, cold, device_rows)
     dense = LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0))
     rows, dense_times, dense_sent = [], {B: [] for B in batch_sizes}, {B: 0 for B in batch_sizes}
     for name in DECODE_MODELS[1:]:
