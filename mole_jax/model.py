@@ -89,16 +89,21 @@ def moe_aux(logits_MxN: jax.Array, expert_MxK: jax.Array) -> dict[str, jax.Array
 DECODE_ROWS = 128  # skip's experts run on their chosen rows only up to this many tokens (decode-sized batches)
 
 
-def moe_impl(cfg: ModelConfig, num_assignments: int, backend: str) -> str:
-    """The MoE implementation that runs `num_assignments` (tokens x top_k) on `backend` ("cpu", "gpu", "tpu")."""
+def moe_impl(cfg: ModelConfig, num_assignments: int, backend: str, *, split: bool = False) -> str:
+    """The MoE implementation that runs `num_assignments` (tokens x top_k) on `backend` ("cpu", "gpu", "tpu").
+    split: the experts are one buffer each (`per_expert_buffers`, CPU inference), which the paths that index the
+    stacked weights (gather, ragged, grouped) would first copy back into one."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     if backend == "cpu":
         # Decode-sized batches skip the experts no row chose and run the others on their rows only (lax.switch),
         # so a decode token reads only its chosen experts' weights. Training-sized ones: the grouped matmul, which
         # runs top_k experts per token where `skip` and `dense` run every expert on every row with zero gates
-        # (1.1-1.7x faster steps on CPU, and faster to compile: results/architecture/moe_cpu_impl_train_grouped.json).
-        return "skip" if num_assignments <= DECODE_ROWS * cfg.top_k else "grouped"
+        # (1.1-1.7x faster steps on CPU, and faster to compile: results/architecture/moe_cpu_impl_train_grouped.json);
+        # with split experts, the weighted sum over them, which reads each buffer in place.
+        if num_assignments <= DECODE_ROWS * cfg.top_k:
+            return "skip"
+        return "dense" if split else "grouped"
     # On accelerators a cond per expert would be a host round trip: gather the few chosen experts' weights when
     # decoding, else dropless grouped matmuls: lax.ragged_dot on TPU; on GPU, where XLA lowers ragged_dot to a
     # masked dense matmul (every expert on every row), batched GEMMs over tiles of one expert's rows.
@@ -196,7 +201,8 @@ class Block(nnx.Module):
     def _moe_experts(self, u_BxTxD, expert_MxK, gates_MxK) -> jax.Array:
         B, T, D = u_BxTxD.shape
         u_MxD = u_BxTxD.reshape(B * T, D)
-        impl = moe_impl(self.cfg, expert_MxK.size, jax.default_backend())
+        impl = moe_impl(self.cfg, expert_MxK.size, jax.default_backend(),
+                        split=isinstance(self.experts.w_up_NxDxF.get_value(), tuple))
         if impl == "gather":
             f_MxD = self.experts.gathered(u_MxD, expert_MxK, gates_MxK)
         elif impl == "ragged":

@@ -280,6 +280,7 @@ def test_auto_picks_per_backend():
     cfg = prime_config("moe")  # N = 5
     assert moe_impl(cfg, 1000, "cpu") == "grouped"  # training-sized: top_k experts per token, not every expert
     assert moe_impl(cfg, DECODE_ROWS * cfg.top_k, "cpu") == "skip"  # decode-sized: only the chosen experts run
+    assert moe_impl(cfg, 1000, "cpu", split=True) == "dense"  # one buffer per expert (CPU inference): read in place
     assert moe_impl(cfg, 1000, "tpu") == "ragged"  # training: grouped matmuls, lax.ragged_dot's on TPU
     assert moe_impl(cfg, 1000, "gpu") == "grouped"  # batched GEMMs over tiles on GPU
     assert moe_impl(cfg, 4, "gpu") == moe_impl(cfg, 5, "tpu") == "gather"  # decode-sized: the chosen experts only

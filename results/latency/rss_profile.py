@@ -1,0 +1,88 @@
+"""Peak resident memory of a decode, Dense against MoLE with its table in host RAM and on storage (issue 12: "a
+decode with the table on storage keeps its resident memory near Dense's whatever the table size").
+
+    python results/latency/rss_profile.py [--preset-size 160m] [--json results/latency/rss_160m.json]
+
+The parent writes bench decode's random float16 table of the family's MoLE once (under --workdir, default a
+temporary directory); each placement then decodes in a process of its own (`LanguageModel.generate`, random
+weights, batch 1, a 64-token prompt, 64 new tokens, greedy), which reports its peak resident set
+(getrusage ru_maxrss) and the page cache's share is not counted. The table's files are dropped from the page cache
+before the storage run (bench.storage.ColdTable), so the storage process reads them cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = """
+import json, resource, sys, time
+import numpy as np
+from mole_jax.bench.decode import DECODE_FAMILIES, _configs
+from mole_jax.decode import LanguageModel
+from mole_jax.lut import open_lut
+from mole_jax.model import init_params
+size, placement, table_dir = sys.argv[1:4]
+cfgs = _configs(size, "float32", 256)
+if placement == "dense":
+    model = LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0))
+else:
+    mole = cfgs["mole"]
+    model = LanguageModel(mole, init_params(mole, seed=2, with_experts=False), table=open_lut(table_dir),
+                          placement=placement)
+prompt = np.random.default_rng(0).integers(0, cfgs["dense"].vocab_size, 64).tolist()
+model.generate(prompt, 8)  # compiles
+t0 = time.perf_counter()
+model.generate(prompt, 64)
+ms = (time.perf_counter() - t0) / 64 * 1e3
+print(json.dumps({"placement": placement, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "ms_per_step": ms}))
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset-size", default="160m")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    from mole_jax.bench.decode import _configs, _random_table
+    from mole_jax.bench.storage import ColdTable
+    from mole_jax.bench.tools import machine
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        table = _random_table(Path(tmp) / "lut", _configs(args.preset_size, "float32", 256)["mole"], "float16")
+        for placement in ("dense", "storage", "host"):
+            if placement == "storage":
+                ColdTable(Path(tmp) / "lut").drop()
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", CHILD, args.preset_size, placement, str(Path(tmp) / "lut")],
+                               capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(r.stderr[-3000:])
+            rows.append({**json.loads(r.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0})
+            print(rows[-1])
+        table_bytes = table.nbytes
+    dense = rows[0]["peak_rss_bytes"]
+    for r in rows:
+        r["rss_minus_dense_mb"] = (r["peak_rss_bytes"] - dense) / 2 ** 20
+    summary = {"table_bytes": table_bytes, "storage_minus_dense_mb": rows[1]["rss_minus_dense_mb"],
+               "host_minus_dense_mb": rows[2]["rss_minus_dense_mb"]}
+    print(summary)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": "python results/latency/rss_profile.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "preset_size": args.preset_size, "machine": machine(), "rows": rows, "summary": summary,
+            "parent_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
