@@ -5,9 +5,9 @@ decode with the table on storage keeps its resident memory near Dense's whatever
 
 The parent writes bench decode's random float16 table of the family's MoLE once (under --workdir, default a
 temporary directory); each placement then decodes in a process of its own (`LanguageModel.generate`, random
-weights, batch 1, a 64-token prompt, 64 new tokens, greedy), which reports its peak resident set
-(getrusage ru_maxrss) and the page cache's share is not counted. The table's files are dropped from the page cache
-before the storage run (bench.storage.ColdTable), so the storage process reads them cold.
+weights, batch 1, a 64-token prompt, 64 new tokens, greedy) and reports its peak resident set (getrusage
+ru_maxrss; file pages in the page cache are not part of it). The table's files are dropped from the page cache
+before the storage run (bench.storage.ColdTable), so that process reads them cold.
 """
 
 from __future__ import annotations
