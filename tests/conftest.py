@@ -117,20 +117,20 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def _cgroup_cpu_quota() -> int | None:
-    """CPUs allowed by the cgroup's CFS quota (v2 cpu.max or v1 cfs_quota_us / cfs_period_us), rounded up; None if
-    unlimited or unknown."""
+    """CPUs allowed by the cgroup's CFS quota, rounded up; None if unlimited or unknown."""
     import math
 
-    for path, read in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                       ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
-                           "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):
-        try:
-            quota, period = read(Path(path).read_text())
-            if quota not in ("max", "-1"):
-                return max(1, math.ceil(int(quota) / int(period)))
-        except (OSError, ValueError):
-            continue
-    return None
+    try:  # cgroup v2: "<quota> <period>", quota "max" when unlimited
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:  # cgroup v1: quota -1 when unlimited
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or not (quota.isdigit() and period.isdigit()):
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 # pytest-xdist (pytest.ini: --dist loadfile) hands whole files to its workers in collection order: the longest
