@@ -314,22 +314,27 @@ class ShardedStep:
 
 
 # Dedup capacity -----------------------------------------------------------------------------------------------
-def choose_dedup_rows(batches: data.Batches, num_micro: int, groups: int, vocab_size: int, *, probe_steps: int = 8,
-                      headroom: float = 1.1) -> dict[str, Any]:
+def choose_dedup_rows(batches: data.Batches, num_micro: int, groups: int, vocab_size: int, *, probe_shares: int = 128,
+                      z: float = 3.5) -> dict[str, Any]:
     """The static distinct-id capacity U of MoLE's dedup, from the first batches of the run's own data.
 
-    Each of the `groups` devices deduplicates its own share of a micro-batch (M tokens). U is the most distinct ids
-    seen in a share of the first `probe_steps` steps times `headroom`, rounded up to a multiple of 128 (of 8 for
-    shares under 2,048 tokens), at most min(M, V). The count of distinct ids in M tokens of text varies little from
-    batch to batch (docs/training.md), so a little headroom rarely overflows; a share that does is still exact: the
-    model falls back to the per-token path for it (the `dedup_overflow` metric counts them). Every padded row of U
-    costs expert work, hence no more headroom than that. U = 0 (dedup off) when it cannot save work (U = M)."""
+    Each of the `groups` devices deduplicates its own share of a micro-batch (M tokens). The count of distinct ids
+    in M tokens of text is nearly normal across batches with a small spread (docs/training.md), so U is its mean
+    plus `z` standard deviations over the first `probe_shares` shares of the run (at least 8 steps), and at least
+    the most seen, rounded up to a multiple of 128 (of 8 for shares under 2,048 tokens), at most min(M, V). Every
+    row of U costs expert work; a share with more ids than U is still exact but takes the per-token path (the
+    `dedup_overflow` metric counts them), at about M / U times the expert work. z = 3.5 puts the overflow chance
+    near 2e-4 per share, a negligible expected cost, and pads less than a margin over the maximum would.
+    U = 0 (dedup off) when it cannot save work (U = M)."""
     tokens_M = batches.batch_size // num_micro // groups * batches.seq_len
     counts = []
-    for step in range(probe_steps):
+    for step in range(max(8, math.ceil(probe_shares / (num_micro * groups)))):
         ids_SxM = batches.batch(step)[:, :-1].reshape(num_micro * groups, -1)
         counts += [np.unique(share).size for share in ids_SxM]
+    counts_S = np.asarray(counts, np.float64)
+    need = max(counts_S.mean() + z * counts_S.std(), counts_S.max())
     multiple = 128 if tokens_M >= 2048 else 8
-    rows = min(math.ceil(max(counts) * headroom / multiple) * multiple, tokens_M, vocab_size)
-    return {"rows": 0 if rows >= tokens_M else rows, "unique_fraction": float(np.mean(counts)) / tokens_M,
-            "max_unique": int(max(counts)), "tokens_per_share": tokens_M, "shares": groups}
+    rows = min(math.ceil(need / multiple) * multiple, tokens_M, vocab_size)
+    return {"rows": 0 if rows >= tokens_M else rows, "unique_fraction": float(counts_S.mean()) / tokens_M,
+            "max_unique": int(counts_S.max()), "unique_std": float(counts_S.std()), "tokens_per_share": tokens_M,
+            "shares": groups}

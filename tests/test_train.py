@@ -21,8 +21,8 @@ from conftest import prime_config, run_cli, xla_flags
 from mole_jax import checkpoint, data, sharding, train
 from mole_jax.config import MoleError, TrainConfig, get_preset
 from mole_jax.model import graphdef_and_shapes, init_params
-from mole_jax.train_step import (TrainState, loss_fn, lr_schedule, make_grad_fn, make_optimizer, make_train_step,
-                                 train_flops_per_token)
+from mole_jax.train_step import (TrainState, choose_dedup_rows, loss_fn, lr_schedule, make_grad_fn, make_optimizer,
+                                 make_train_step, train_flops_per_token)
 
 # 10 steps of tiny-mole on 16 x 64 tokens: MoLE with dedup is the path with the most machinery.
 TC = TrainConfig(steps=10, batch_size=16, seq_len=64, peak_lr=3e-3, warmup_frac=0.1, checkpoint_every=5,
@@ -103,6 +103,20 @@ def test_dedup_equals_plain_loss_and_grads(dedup_case, devices, capacity):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(np.abs(b).max(), 1e-12))
     assert np.abs(np.asarray(g0["embed_VxD"])).max() > 0  # gradients reach the embedding through the gather
+
+
+def test_dedup_capacity_holds_later_batches():
+    """U from the run's first shares (mean + 3.5 std, at least their maximum) holds the distinct ids of the shares
+    that follow, with less padding than a 10% margin over the maximum would take."""
+    corpus = data.open_corpus(None, vocab_size=4096)
+    windows, _ = data.split_windows(corpus.tokens.size, 128, 0.0)
+    batches = data.Batches(corpus.tokens, windows, seq_len=128, batch_size=32, seed=3, vocab_size=4096)
+    dedup = choose_dedup_rows(batches, 2, 2, 4096)  # shares of 1,024 tokens: 2 micro-batches x 2 devices
+    later = [np.unique(share).size for step in range(40, 140)
+             for share in batches.batch(step)[:, :-1].reshape(4, -1)]
+    assert dedup["tokens_per_share"] == 1024 and dedup["rows"] % 8 == 0 and dedup["max_unique"] <= dedup["rows"]
+    assert np.mean(np.asarray(later) > dedup["rows"]) <= 0.01
+    assert dedup["rows"] < 1024 and dedup["rows"] <= 1.1 * dedup["max_unique"] + 8
 
 
 def test_grad_accumulation_equals_one_batch():
