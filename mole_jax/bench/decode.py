@@ -1,15 +1,19 @@
 """`mole-jax bench decode`: the paper's Figure 3 on this machine: decode ms/step and bytes moved per step of Dense,
 MoE (resident and offloaded) and MoLE (its table on the device, in host RAM, on disk cold and warm).
 
-Storage is measured cold (`mole-storage`): before each of its turns the table's files are dropped from the page
-cache, its Tensorstore cache pool holds nothing, and every turn decodes a different token stream (sampled with a
-per-turn seed), so a step's rows come from the disk. `mole-storage-warm` is the same placement with the default
-cache pool and a warm page cache. The cold reads are recorded and replayed against a thread-pool `pread` of the
-same byte ranges (`bench.storage.storage_floor`): the rows/s a reader could reach on this disk."""
+Every step decodes text: its next tokens are a stretch of the embedded corpus's held-out windows (teacher forcing:
+the step still samples its own tokens, and the host waits for them before it reads the text's, as a decode does),
+a different stretch every turn. A device tier is ordered by the corpus's other windows, so its hit rate is what
+text gets. Storage is measured cold (`mole-storage`): before each of its turns the table's files are dropped from
+the page cache and its Tensorstore cache pool holds nothing, so a step's rows come from the disk.
+`mole-storage-warm` is the same placement with the default cache pool and a warm page cache. The cold reads are
+recorded and replayed against a thread-pool `pread` of the same byte ranges (`bench.storage.storage_floor`): the
+rows/s a reader could reach on this disk."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import tempfile
 import time
@@ -47,13 +51,15 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # steps donate the c
 class Turns:
     """How the models take turns: `steps` timed steps per (model, batch size), in turns of `chunk`, each turn
     after `warmup` untimed steps, from a KV cache filled to `prompt_len` of `cache_len` positions, sampling with
-    `sampler` (on the device)."""
+    `sampler` (on the device), each step's next tokens `text_N` from a start that depends on the turn (None: the
+    model's own tokens)."""
     steps: int
     chunk: int
     warmup: int
     prompt_len: int
     cache_len: int
     sampler: Any = None
+    text_N: np.ndarray | None = None
 
 
 def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1, 8, 32), prompt_len: int = 512,
@@ -75,7 +81,8 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
     cache_len = prompt_len + warmup + chunk + 1  # as the paper's HF cache: the positions in use
     cfgs = _configs(preset_size, dtype, cache_len)
     turns = Turns(steps, chunk, warmup, prompt_len, cache_len,
-                  jax.device_put(make_sampler(1.0, SAMPLE_TOP_K, 1.0, cfgs["mole"].vocab_size)))
+                  jax.device_put(make_sampler(1.0, SAMPLE_TOP_K, 1.0, cfgs["mole"].vocab_size)),
+                  _held_out_text(cfgs["mole"].vocab_size)[1])
     modeled_key = f"modeled_ms_per_step_{link_gbps:g}gbps"
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         table = _random_table(Path(tmp) / "lut", cfgs["mole"], lut_dtype)
@@ -92,9 +99,9 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
     print_table(rows, ["model", "batch_size", "cache", "ms_per_step", "vs_dense", "h2d_bytes_per_step",
                        "h2d_bytes_per_step_as_lut_dtype", "device_param_bytes", modeled_key])
     summary = _summary(by, batch_sizes, floor, lut_dtype)
-    print(f"(random weights and a random {lut_dtype} table; KV cache of {prompt_len} random positions; tokens "
-          f"sampled (top-k {SAMPLE_TOP_K}), a new seed every turn; median of {steps} steps per model in turns of "
-          f"{chunk}; {dtype} on {machine()['device']})")
+    print(f"(random weights and a random {lut_dtype} table; KV cache of {prompt_len} random positions; each step "
+          f"samples (top-k {SAMPLE_TOP_K}) and is fed held-out text, a new stretch every turn; median of {steps} "
+          f"steps per model in turns of {chunk}; {dtype} on {machine()['device']})")
     payload = {"benchmark": "decode", "machine": machine(), "rows": rows, "summary": summary,
                "storage": {"cold_check": cold_check, "floor": floor},
                "settings": {"preset_size": preset_size, "models": dict(zip(("dense", "moe", "mole"),
@@ -104,7 +111,10 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
                             "lut_dtype": lut_dtype, "dtype": dtype, "weights": "random",
                             "device_rows": _tier_rows(cfgs["mole"].vocab_size, device_rows),
                             "lut": "random rows of the right shape and scheme",
-                            "tokens": f"sampled, temperature 1, top-k {SAMPLE_TOP_K}, a new seed every turn",
+                            "tokens": f"each step samples (temperature 1, top-k {SAMPLE_TOP_K}) and is then fed the "
+                                      "next tokens of held-out text (the embedded corpus's validation windows), "
+                                      "a new stretch every turn",
+                            "tier_order": "token counts of the embedded corpus's training windows",
                             "cold": "page cache dropped before each turn (posix_fadvise DONTNEED), no "
                                     "Tensorstore cache pool"}}
     write_json(json_path, payload)
@@ -181,13 +191,22 @@ def _tier_rows(vocab_size: int, device_rows: int | None) -> int:
 
 def _tiered(mole: ModelConfig, table, placement: str, device_rows: int | None = None) -> LanguageModel:
     """MoLE with a device tier of `device_rows` (default 10% of the vocabulary) of the ids most frequent in the
-    embedded corpus, tokenised with a tokenizer trained to the preset's vocabulary (the random table has no
-    training data of its own)."""
+    embedded corpus's training windows (tokenised by a BPE trained to the preset's vocabulary: the random table has
+    no training data of its own); the timed steps read its held-out windows."""
     V = mole.vocab_size
-    counts_V = data.token_counts(data.open_corpus(None, vocab_size=V).tokens, V)
-    tier_K = tier_ids(counts_V, _tier_rows(V, device_rows), V)
+    tier_K = tier_ids(_held_out_text(V)[0], _tier_rows(V, device_rows), V)
     return LanguageModel(mole, init_params(mole, seed=2, with_experts=False), table=table, placement=placement,
                          tier_K=tier_K)
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out_text(vocab_size: int, seq_len: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded corpus tokenised to `vocab_size` ids: the token counts [V] of its training windows, and its
+    validation windows' tokens [N] in a row (the text the timed steps are fed)."""
+    tokens = data.open_corpus(None, vocab_size=vocab_size).tokens
+    _, val = data.split_windows(tokens.size, seq_len, 0.1)
+    counts_V = data.token_counts(tokens, vocab_size, seq_len=seq_len, exclude_windows=val)
+    return counts_V, np.concatenate([tokens[w * seq_len:(w + 1) * seq_len] for w in val]).astype(np.int32)
 
 
 def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, batch_sizes: Sequence[int],
@@ -202,7 +221,7 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
         for B in batch_sizes:
             template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)  # one backbone
             before = (lambda: cold.drop((name, B))) if CACHE.get(name) == "cold" else None
-            tier = getattr(model.decoder, "tier_counts", None)  # a device tier's lookups: the hit rate of this batch size's turns
+            tier = getattr(model.decoder, "tier_counts", None)  # a device tier's lookups: this batch size's hit rate
             hits0, tokens0 = (tier.hits, tier.tokens) if tier else (0, 0)
             times, sent = time_against_dense(name, model, dense, template, turns, before=before)
             del template
@@ -228,33 +247,74 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
 def time_against_dense(name: str, model: LanguageModel, dense: LanguageModel, template, turns: Turns, *,
                        before: Callable[[], Any] | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Seconds per step and bytes moved host->device of `model` and of Dense, in alternating turns (who goes
-    first alternates too). Every round of turns samples from its own seed; `before` runs before each of the
-    model's turns, outside the timing (dropping the page cache)."""
+    first alternates too). Every round of turns samples from its own seed and reads its own stretch of
+    `turns.text_N`, the same for both; `before` runs before each of the model's turns, outside the timing
+    (dropping the page cache)."""
     times, sent = {name: [], "dense": []}, {name: 0, "dense": 0}
     for r in range(-(-turns.steps // turns.chunk)):
         n = min(turns.chunk, turns.steps - len(times[name]))
         for who, m in ((name, model), ("dense", dense))[::1 if r % 2 else -1]:
             if who == name and before is not None:
                 before()
-            t, b = time_turn(m, template, n, turns.warmup, sampler=turns.sampler, seed=r)
+            t, b = time_turn(m, template, n, turns.warmup, sampler=turns.sampler, seed=r, text_N=turns.text_N)
             times[who] += t
             sent[who] += b
     return times, sent
 
 
-def time_turn(model: LanguageModel, template, n: int, warmup: int, *, sampler=None,
-              seed: int = 0) -> tuple[list[float], int]:
+def time_turn(model: LanguageModel, template, n: int, warmup: int, *, sampler=None, seed: int = 0,
+              text_N: np.ndarray | None = None) -> tuple[list[float], int]:
     """`n` timed decode steps after `warmup` untimed ones, from a copy of `template` (greedy without a sampler,
-    else sampled from `seed`): their seconds and the bytes they moved host->device."""
+    else sampled from `seed`; with `text_N`, fed a stretch of it chosen by `seed`): their seconds and the bytes
+    they moved host->device."""
     dec = model.decoder
     state = _copy(template)
     if sampler is not None:
         state = state._replace(key=jax.random.key(seed))
+    if text_N is not None:
+        dec = _TextFed(dec, _text_ids(text_N, warmup + n + 1, state.ids_Bx1.shape[0], seed), state)
+        state = dec.first(state)
     stamps, sent = [], []
     for _ in decode_loop(dec, state, warmup + n + 1, sampler, sampler is None):
         stamps.append(time.perf_counter())
         sent.append(dec.h2d_bytes)
     return np.diff(stamps[warmup:]).tolist(), sent[-1] - sent[warmup]
+
+
+def _text_ids(text_N: np.ndarray, num_steps: int, batch: int, seed: int) -> list[jax.Array]:
+    """`num_steps` arrays [batch, 1] on the device, row b a stretch of text from its own start (drawn from
+    `seed`): put before the timing, so that feeding them moves nothing."""
+    starts_B = np.random.default_rng([seed, batch]).integers(0, text_N.size - num_steps, batch)
+    ids_SxB = text_N[starts_B[None, :] + np.arange(num_steps)[:, None]]
+    return jax.device_put(list(ids_SxB[:, :, None]))
+
+
+class _TextFed:
+    """A decoder (decoder.StepDecoder) whose steps' next tokens are given text instead of the tokens they
+    sampled. The host still waits for each step's own tokens where a decode reads them (after dispatching what
+    needs no ids): the text is on the device in advance, and reading it alone would let the host run ahead."""
+
+    def __init__(self, inner, text_S: list[jax.Array], state):
+        self.inner, self.text_S, self._t, self._own = inner, text_S, 0, state.ids_Bx1
+
+    def __getattr__(self, name):  # params, h2d_bytes, device_param_bytes, ...
+        return getattr(self.inner, name)
+
+    def first(self, state):
+        return state._replace(ids_Bx1=self.text_S[0])
+
+    def begin(self, state, sampler, greedy):
+        pending = self.inner.begin(state, sampler, greedy)
+        jax.block_until_ready(self._own)  # where decode_loop would wait for the step's tokens
+        return pending
+
+    def finish(self, pending, ids_B, sampler, greedy):
+        state = self.inner.finish(pending, ids_B, sampler, greedy)
+        self._t += 1
+        self._own = state.ids_Bx1
+        if self._t == len(self.text_S) - 1:  # the loop's last read: no begin() comes before it
+            jax.block_until_ready(self._own)
+        return state._replace(ids_Bx1=self.text_S[self._t])
 
 
 def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) -> dict[str, Any]:
@@ -267,7 +327,8 @@ def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) 
         "mole-storage (cold) / dense ms (goal <= 1.15 at 160M, 1.25 small)":
             per_batch(lambda B: by["mole-storage", B]["vs_dense"]),
         "mole-storage-warm / dense ms": per_batch(lambda B: by["mole-storage-warm", B]["vs_dense"]),
-        "mole-storage (cold): rows re-read within a turn": per_batch(lambda B: by["mole-storage", B]["reread_fraction"]),
+        "mole-storage (cold): rows re-read within a turn": per_batch(
+            lambda B: by["mole-storage", B]["reread_fraction"]),
         # each against Dense in its own turns: the ratio of two medians taken minutes apart would carry the drift
         "moe / moe-offload ms, each vs dense in its turns (goal <= 1)": per_batch(
             lambda B: by["moe", B]["vs_dense"] / by["moe-offload", B]["vs_dense"]),
@@ -275,6 +336,12 @@ def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) 
             by["mole-host", batch_sizes[0]]["device_param_bytes"] / by["dense", batch_sizes[0]]["device_param_bytes"],
         "moe-offload / mole-host h2d bytes, as stored": per_batch(
             lambda B: by["moe-offload", B]["h2d_bytes_per_step"] / max(by["mole-host", B]["h2d_bytes_per_step"], 1)),
+        "device tier (mole-host-tier): hit rate on held-out text": per_batch(
+            lambda B: by["mole-host-tier", B]["hit_rate"]),
+        "device tier: h2d bytes per step, mole-host-tier / mole-host": per_batch(
+            lambda B: by["mole-host-tier", B]["h2d_bytes_per_step"] / max(by["mole-host", B]["h2d_bytes_per_step"], 1)),
+        "mole-host-tier / dense ms": per_batch(lambda B: by["mole-host-tier", B]["vs_dense"]),
+        "mole-storage-tier (cold) / dense ms": per_batch(lambda B: by["mole-storage-tier", B]["vs_dense"]),
         f"moe-offload / mole-host h2d bytes, both {lut_dtype} (like for like; paper ~1,500x at 410M)": per_batch(
             lambda B: by["moe-offload", B]["h2d_bytes_per_step_as_lut_dtype"]
             / max(by["mole-host", B]["h2d_bytes_per_step"], 1)),
@@ -299,13 +366,20 @@ def _plot_decode(rows, batch_sizes, modeled_key, path) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install mole-jax[plot]); no plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "ms_per_step", "measured"), (axes[1], modeled_key, "modeled (paper method)")):
-        for name in DECODE_MODELS:
+    # measured: each model's ms/step over Dense's in the same turns (absolute times of turns minutes apart carry
+    # the machine's drift); modeled: the paper's estimate; bytes: what a step moves host -> device, as stored
+    panels = (("vs_dense", "ms/step vs Dense (same turns)", "measured", "linear"),
+              (modeled_key, "ms / step", "modeled (paper method)", "log"),
+              ("h2d_bytes_per_step", "bytes / step", "host -> device", "log"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (key, ylabel, title, yscale) in zip(axes, panels):
+        for i, name in enumerate(DECODE_MODELS):
+            if key == "h2d_bytes_per_step" and name in ("dense", "moe", "mole-device"):
+                continue  # nothing moves: no point on a log axis
             ys = [next(r[key] for r in rows if r["model"] == name and r["batch_size"] == B) for B in batch_sizes]
-            ax.plot(batch_sizes, ys, marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms / step", title=title)
+            ax.plot(batch_sizes, ys, marker="o", label=name, color=f"C{i}")
+        ax.set(xscale="log", yscale=yscale, xlabel="batch size", ylabel=ylabel, title=title)
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
