@@ -24,6 +24,7 @@ first of its stop strings.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -284,17 +285,13 @@ def _check_device(device: str | None) -> None:
 def _check_checkpoint_first(argv: list[str]) -> None:
     """A missing checkpoint fails at once: lm-eval would first build its task index (seconds) and only then make
     the model. The model makes the same check again."""
-    def value(flag: str) -> str | None:
-        for i, a in enumerate(argv):
-            if a == flag and i + 1 < len(argv):
-                return argv[i + 1]
-            if a.startswith(flag + "="):
-                return a[len(flag) + 1:]
-        return None
-
-    if value("--model") not in ("mole_jax", "mole-jax"):
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # only the two flags; lm-eval parses the rest
+    peek.add_argument("--model")
+    peek.add_argument("--model_args", default="")
+    args, _ = peek.parse_known_args(argv)
+    if args.model not in ("mole_jax", "mole-jax"):
         return
-    model_args = dict(kv.split("=", 1) for kv in (value("--model_args") or "").split(",") if "=" in kv)
+    model_args = dict(kv.split("=", 1) for kv in args.model_args.split(",") if "=" in kv)
     if "path" in model_args:
         checkpoint.locate(model_args["path"])
 
