@@ -16,7 +16,10 @@ A device tier (row_sources.TieredRows) finds each token's tier row on the device
 needs nothing from the host. With `speculate` (the default) a tiered step is dispatched before the host reads its
 ids whenever the previous step's ids all hit, with no fetched rows; when the host then finds a miss among them,
 the step is redone from its result with the fetched rows: it writes the same KV slot again and samples with the
-same key, so the tokens are those of the unspeculated step, bit for bit.
+same key, so the tokens are those of the unspeculated step, bit for bit. A redo costs a whole step S, a
+speculation that holds saves the host's round trip H, so speculating pays only when the ids after an all-hit step
+all hit with probability above S / (S + H): the decoder keeps a running estimate of that probability (from every
+all-hit step, speculated or not) and speculates only while it is at least SPECULATE_MIN_SUCCESS.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ from mole_jax.row_sources import (
     row_source,
 )
 from mole_jax.sampling import DecodeState, Sampler, advance, positions
+
+# The round trip a held speculation saves is a fraction of a step (0.1-0.3 of it measured on CPU at the small
+# presets), so it pays from about 0.8-0.9 success; below, the redone steps cost more than the round trips saved.
+SPECULATE_MIN_SUCCESS = 0.9
+_SUCCESS_WEIGHT = 1 / 16  # the running estimate's weight on the newest step: it follows the last ~16 all-hit steps
 
 
 class Pending(NamedTuple):
@@ -105,8 +113,8 @@ class Decoder:
         is the host's own cores, so there is nothing idle to overlap with, and each call pays for fresh pages of
         its large temporaries (XLA's CPU allocator), which a second call doubles. Not with a device tier.
     tier_K: the ids whose rows stay on the device in front of a host or storage table (row_sources.TieredRows).
-    speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit (see the
-        module docstring).
+    speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit and the
+        ids after an all-hit step have lately all hit often enough (see the module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
@@ -120,6 +128,7 @@ class Decoder:
         self.fetching = table is not None and placement != "device"
         self.tiered = isinstance(self.source, TieredRows)
         self.speculate, self.redone, self._last_all_hit = speculate and self.tiered, 0, False
+        self.speculation_success = 1.0  # P(a step's ids all hit | the previous step's did), a running estimate
         self.split = self.fetching and not self.tiered and (jax.default_backend() != "cpu" if overlap is None
                                                             else overlap)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
@@ -172,7 +181,7 @@ class Decoder:
             return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
                                       pos_B=state.pos_B, key=state.key, sampler=sampler,
                                       rows=self.device_rows(state.ids_Bx1)))
-        if self.speculate and self._last_all_hit:
+        if self.speculate and self._last_all_hit and self.speculation_success >= SPECULATE_MIN_SUCCESS:
             return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
                                       pos_B=state.pos_B, key=state.key, sampler=sampler,
                                       rows=self.source.idle(state.ids_Bx1)), origin=state)
@@ -204,7 +213,10 @@ class Decoder:
         again before it is read."""
         origin = pending.origin or pending.state
         rows = self.source.fetch(ids_B[:, None], origin.ids_Bx1)
-        self._last_all_hit = self.source.all_hit(ids_B)
+        all_hit = self.source.all_hit(ids_B)
+        if self._last_all_hit:  # would a speculation have held? (known whether or not this step speculated)
+            self.speculation_success += (all_hit - self.speculation_success) * _SUCCESS_WEIGHT
+        self._last_all_hit = all_hit
         if pending.origin is not None:
             if self._last_all_hit:
                 return pending.state

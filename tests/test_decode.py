@@ -445,6 +445,28 @@ def test_device_tier_generation_equals_other_placements(mole_run, models, placem
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
 
 
+def test_speculation_stops_when_it_keeps_failing(mole_run, models, monkeypatch):
+    """A tier without id 41, whose generation alternates 57 and 41: every speculation after a 57 would be redone.
+    Always speculating redoes each of those steps; the decoder's policy stops once its estimate of success falls
+    below SPECULATE_MIN_SUCCESS (one failure early, two once the alternation starts: the estimate then stays down,
+    as every all-hit step is followed by a miss). Tokens equal the host placement's."""
+    run, lut_dir = mole_run
+    want = models("mole-host").generate(PROMPTS[0], 40)
+    V = prime_config("mole").vocab_size
+    counts = np.ones(V, np.int64)
+    counts[41] = 0  # a tier of every other id
+    fails = sum(a != 41 and b == 41 for a, b in zip(want[:-2], want[1:-1]))  # hit, then miss, among the fed ids
+    assert fails >= 5, want
+    redone = {}
+    for min_success in (0.0, decoder.SPECULATE_MIN_SUCCESS):
+        monkeypatch.setattr(decoder, "SPECULATE_MIN_SUCCESS", min_success)
+        model = load(run, lut=lut_dir, lut_placement="host", device_rows=V - 1, token_counts=counts)
+        assert model.generate(PROMPTS[0], 40) == want
+        redone[min_success] = model.decoder.redone
+        assert 0 < model.decoder.speculation_success < 1
+    assert redone[0.0] == fails and redone[decoder.SPECULATE_MIN_SUCCESS] <= 3
+
+
 def test_device_tier_covering_every_id_moves_nothing_per_step(mole_run, models):
     """A tier of the whole vocabulary: after the prompts, no step moves a byte, and the tokens are unchanged;
     every transfer is explicit."""
