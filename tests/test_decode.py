@@ -138,18 +138,23 @@ def test_inference_form_import_uses_its_table_and_matches_reference(tmp_path):
 STEP_FUNCTIONS = ("_prefill", "_step", "_front")
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload"])
+@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload",
+                                     "mole-host-tier"])
 def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, variant):
     """Generations of many steps, with other prompts of the same bucket and other sampling settings: each jitted
     function is traced at most twice, once for greedy decoding and once for sampling (the settings are device
-    values). Under transfer_guard("disallow") every transfer is an explicit device_put / device_get. (The offload
-    baseline's per-layer functions are traced per number of experts moved; only its transfers are checked.)"""
+    values); behind a device tier, twice per power-of-two number of missed rows (a step sends its misses' rows
+    padded to one: at most 1, 2 or 4 rows for these 3 sequences, at most 64 for their 33 prompt positions). Under
+    transfer_guard("disallow") every transfer is an explicit device_put / device_get. (The offload baseline's
+    per-layer functions are traced per number of experts moved; only its transfers are checked.)"""
     chex.clear_trace_counter()
+    tier = variant.endswith("-tier")
+    max_traces = {"_prefill": 2 * 7, "_step": 2 * 3, "_front": 0} if tier else dict.fromkeys(STEP_FUNCTIONS, 2)
     for name in STEP_FUNCTIONS:
-        monkeypatch.setattr(decoder, name, chex.assert_max_traces(getattr(decoder, name), n=2))
+        monkeypatch.setattr(decoder, name, chex.assert_max_traces(getattr(decoder, name), n=max_traces[name]))
     if variant.startswith("mole"):
         model = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
-                     overlap=variant.endswith("-split"))
+                     overlap=variant.endswith("-split"), device_rows=20 if tier else None)
     else:
         cfg = prime_config(variant.split("-")[0])
         model = LanguageModel(cfg, init_params(cfg, seed=24), offload_experts=variant == "moe-offload")
