@@ -3,14 +3,14 @@ preallocated KV cache, each sequence at its own position (a padded prompt's stal
 they are overwritten).
 
 Every jitted entry point is traced once per (batch, cache length) bucket, takes only device arrays, donates the
-cache and is called with keyword arguments. All host -> device traffic is an explicit, counted `device_put`.
-With a table at the host or storage placement, a step needs the rows of its tokens, which the host can fetch only
-once it has read those tokens. With `overlap` (the default on accelerators) a step is then two jitted calls: block
-0's front half (attention, shared FFN, router), which needs no rows, is dispatched first from the ids still on the
-device; the host then reads the ids, fetches their rows while the device works, and dispatches the rest
-(`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one call could not
-overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched before the
-host reads step t's tokens.
+cache and is called with keyword arguments. All host -> device traffic is an explicit, counted put
+(`row_sources.Transfers.put`). With a table at the host or storage placement, a step needs the rows of its tokens,
+which the host can fetch only once it has read those tokens. With `overlap` (the default on accelerators) a step is
+then two jitted calls: block 0's front half (attention, shared FFN, router), which needs no rows, is dispatched
+first from the ids still on the device; the host then reads the ids, fetches their rows while the device works, and
+dispatches the rest (`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one
+call could not overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched
+before the host reads step t's tokens.
 
 A device tier (row_sources.TieredRows) finds each token's tier row on the device, so a step whose ids all hit
 needs nothing from the host. With `speculate` (the default) a tiered step is dispatched before the host reads its
