@@ -201,6 +201,27 @@ def test_transfers_modes_and_pinned_put_is_bit_exact():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
 
 
+def test_small_put_equals_device_put(monkeypatch):
+    """A put of at most SMALL_PUT_MAX_BYTES goes through the shared jitted identity; a larger one through
+    jax.device_put. Same values, dtypes and device either way, counted alike, and allowed under a
+    transfer_guard("disallow") (the put is the explicit transfer)."""
+    rng = np.random.default_rng(5)
+    tree = ({"payload": rng.standard_normal((3, 2, 4)).astype(np.float16)}, rng.integers(0, 3, (3, 1)).astype(
+        np.int32), np.int32(7))
+    calls = []
+    real = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for limit in (row_sources.SMALL_PUT_MAX_BYTES, 0):  # small path, then device_put for the same tree
+        monkeypatch.setattr(row_sources, "SMALL_PUT_MAX_BYTES", limit)
+        transfers = row_sources.Transfers("off")
+        with jax.transfer_guard("disallow"):
+            moved = transfers.put(tree)
+        assert transfers.bytes_sent == row_sources.nbytes(tree) and len(calls) == (0 if limit else 1)
+        for a, x in zip(jax.tree.leaves(moved), jax.tree.leaves(tree), strict=True):
+            assert isinstance(a, jax.Array) and a.devices() == {jax.devices()[0]} and a.dtype == x.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
+
+
 @pytest.fixture(scope="module")
 def mole_table(tmp_path_factory):
     """A MoLE run (prime dims) and its float16 table."""
