@@ -348,13 +348,22 @@ def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) 
     }
     if floor:
         summary["cold storage rows/s / thread-pool pread floor (goal >= 0.8)"] = floor["storage_vs_pread"]
-        print(f"cold storage reads: {floor['decode_rows_per_s']:,.0f} rows/s in the decode, "
-              f"{floor['tensorstore_replay_rows_per_s']:,.0f} replayed, pread floor "
-              f"{floor['pread_rows_per_s']:,.0f} rows/s ({floor['rows']:,} rows in {floor['reads']:,} reads)")
-    for k, v in summary.items():
-        print(f"{k}: " + (", ".join(f"batch {B} {x:.3g}" for B, x in v.items() if x is not None)
-                          if isinstance(v, dict) else f"{v:.4f}"))
+    print("\n".join(summary_lines(summary, floor)))
     return summary
+
+
+def summary_lines(summary: dict[str, Any], floor: dict) -> list[str]:
+    """The summary as printed (and as results/latency/decode_report.py writes it): the cold reads' rows/s, then
+    one line per ratio."""
+    lines = []
+    if floor:
+        lines.append(f"cold storage reads: {floor['decode_rows_per_s']:,.0f} rows/s in the decode, "
+                     f"{floor['tensorstore_replay_rows_per_s']:,.0f} replayed, pread floor "
+                     f"{floor['pread_rows_per_s']:,.0f} rows/s ({floor['rows']:,} rows in {floor['reads']:,} reads)")
+    for k, v in summary.items():
+        lines.append(f"{k}: " + (", ".join(f"batch {B} {x:.3g}" for B, x in v.items() if x is not None)
+                                 if isinstance(v, dict) else f"{v:.4f}"))
+    return lines
 
 
 def _plot_decode(rows, batch_sizes, modeled_key, path) -> None:

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mole_jax.bench.decode import _plot_decode
+from mole_jax.bench.decode import _plot_decode, summary_lines
 
 COLUMNS = [("model", "model", "{}"), ("batch_size", "batch", "{}"), ("cache", "cache", "{}"),
            ("ms_per_step", "ms/step", "{:.3f}"), ("vs_dense", "vs dense", "{:.3f}"),
@@ -43,15 +43,7 @@ def render(payload: dict, json_path: Path, wall: str, note: str) -> str:
         cells = [("" if r.get(k or modeled) is None else f.format(r[k or modeled])) for k, _, f in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    floor = payload["storage"]["floor"]
-    if floor:
-        lines.append(f"- cold storage reads: {floor['decode_rows_per_s']:,.0f} rows/s in the decode, "
-                     f"{floor['tensorstore_replay_rows_per_s']:,.0f} replayed, pread floor "
-                     f"{floor['pread_rows_per_s']:,.0f} rows/s ({floor['rows']:,} rows in {floor['reads']:,} reads)")
-    for k, v in payload["summary"].items():
-        text = (", ".join(f"batch {B} {x:.3g}" for B, x in v.items() if x is not None) if isinstance(v, dict)
-                else f"{v:.4f}")
-        lines.append(f"- {k}: {text}")
+    lines += [f"- {line}" for line in summary_lines(payload["summary"], payload["storage"]["floor"])]
     return "\n".join(lines) + "\n"
 
 

@@ -43,11 +43,11 @@ def main():
                   _held_out_text(V)[1])
     tier_K = tier_ids(_held_out_text(V)[0], _tier_rows(V, None), V)
     dense = LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0))
-    rows = []
+    rows, default = [], decoder.SPECULATE_MIN_SUCCESS
     with tempfile.TemporaryDirectory() as tmp:
         table = _random_table(Path(tmp) / "lut", mole, "float16")
         for name, min_success in VARIANTS.items():
-            decoder.SPECULATE_MIN_SUCCESS = 0.9 if min_success is None else min_success
+            decoder.SPECULATE_MIN_SUCCESS = default if min_success is None else min_success
             model = LanguageModel(mole, init_params(mole, seed=2, with_experts=False), table=table, placement="host",
                                   tier_K=None if name == "mole-host" else tier_K, speculate=name != "tier-never")
             for B in a.batch_sizes:
@@ -60,6 +60,7 @@ def main():
                              "steps_redone": model.decoder.redone - redone0,
                              "speculation_success": model.decoder.speculation_success if name != "mole-host" else None})
                 print(rows[-1], flush=True)
+    decoder.SPECULATE_MIN_SUCCESS = default
     out = {"benchmark": "speculation_profile", "machine": machine(), "preset_size": a.preset_size,
            "command": f"python results/latency/speculation_profile.py --preset-size {a.preset_size} --batch-sizes "
                       + " ".join(map(str, a.batch_sizes)),

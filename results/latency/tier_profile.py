@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mole_jax import data
-from mole_jax.bench.decode import _configs, _random_table
+from mole_jax.bench.decode import _configs, _held_out_text, _random_table
 from mole_jax.bench.tools import machine
 from mole_jax.decode import LanguageModel
 from mole_jax.decoder import decode_loop, random_state
@@ -180,11 +180,9 @@ def _tier_snapshot(model):
 
 def corpus_hit_rate(V: int, fraction: float = 0.1, seq_len: int = 256) -> dict:
     """Part D: a tier of `fraction` of the vocabulary from the training windows' counts, hits on validation's."""
-    tokens = data.open_corpus(None, vocab_size=V).tokens
-    _, val = data.split_windows(tokens.size, seq_len, 0.1)
-    counts_V = data.token_counts(tokens, V, seq_len=seq_len, exclude_windows=val)
-    val_ids = np.concatenate([tokens[w * seq_len:(w + 1) * seq_len] for w in val])
-    out = {"vocab_size": V, "corpus_tokens": int(tokens.size), "distinct_ids_in_corpus": int((counts_V > 0).sum())}
+    counts_V, val_ids = _held_out_text(V, seq_len)
+    out = {"vocab_size": V, "counted_tokens": int(counts_V.sum()), "held_out_tokens": int(val_ids.size),
+           "distinct_ids_counted": int((counts_V > 0).sum())}
     for frac in (0.01, fraction, 0.25):
         tier = np.zeros(V, bool)
         tier[tier_ids(counts_V, max(1, int(V * frac)), V)] = True
