@@ -12,10 +12,13 @@ On whatever backend JAX finds, it measures in this order, each piece only if the
   train      dense-160m, mole-4e-160m with dedup, moe-10e-160m and mole-4e-160m without dedup: bf16 compute with
              float32 master weights, at the paper's 2048 tokens per sequence, the largest micro-batch that fits
              (sized from the compiler's memory analysis): step time, tokens/s, MFU against the measured and the
-             nominal bf16 peak, device memory
+             nominal bf16 peak, device memory; after the first two (the ratio with a goal) comes
+  decode small  `bench decode --preset-size small` exactly as on the command line (its own goals: a step there
+             is short, so a host round trip shows most)
 and then prints one line per goal (docs/accelerators.md) saying whether it holds.
 
-Results are written after every piece to OUT/<device kind>/accelerator.json (and .md, and decode.json): a run
+Results are written after every piece to OUT/<device kind>/accelerator.json (and .md, decode.json and
+decode_small.json): a run
 stopped at its budget (a watchdog ends the process there) keeps everything it measured. It needs only what an
 accelerator host has preinstalled (jax, flax, optax, orbax-checkpoint, tensorstore, chex, tokenizers, safetensors,
 tqdm) and no network: run it from a plain checkout with PYTHONPATH=. (no pip install). `--scale tiny` is its CPU
@@ -77,14 +80,16 @@ class Scale:
     timed_steps: int
     matmul_n: int
     transfer_bytes: int
-    cost_s: dict[str, float]  # per piece: device, decode, convert, and each train variant
+    cost_s: dict[str, float]  # per piece: device, decode, convert, each train variant (and decode small)
+    small_decode: bool = False  # also `bench decode --preset-size small` (the 160M scale's run)
 
 
 SCALES = {
     "160m": Scale({"dense": "dense-160m", "moe": "moe-10e-160m", "mole": "mole-4e-160m"}, seq_len=2048,
                   max_micro=64, decode_size="160m", batch_sizes=(1, 8, 32), decode_steps=40, prompt_len=512,
                   timed_steps=4, matmul_n=8192, transfer_bytes=1 << 30,
-                  cost_s={"device": 20, "decode": 150, "convert": 60, "train": 60}),
+                  cost_s={"device": 20, "decode": 150, "convert": 60, "train": 60, "decode small": 90},
+                  small_decode=True),
     "small": Scale({"dense": "small-dense", "moe": "small-moe", "mole": "small-mole"}, seq_len=256, max_micro=32,
                    decode_size="small", batch_sizes=(1, 8, 32), decode_steps=30, prompt_len=128, timed_steps=3,
                    matmul_n=4096, transfer_bytes=256 << 20,
@@ -113,7 +118,8 @@ class Results:
 
     def __init__(self, out_dir: Path, header: dict[str, Any]):
         self.out_dir, self.lock = out_dir, threading.Lock()
-        self.doc: dict[str, Any] = {**header, "device": None, "decode": None, "convert": None, "train": [],
+        self.doc: dict[str, Any] = {**header, "device": None, "decode": None, "decode_small": None, "convert": None,
+                                    "train": [],
                                     "skipped": [], "errors": {}, "goals": [], "stopped": None}
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -216,9 +222,17 @@ def measure_device(scale: Scale) -> dict[str, Any]:
 
 # Decoding --------------------------------------------------------------------------------------------------------
 def measure_decode(scale: Scale, out_dir: Path, workdir: Path) -> dict[str, Any]:
-    payload = bench_decode(scale.decode_size, batch_sizes=scale.batch_sizes, prompt_len=scale.prompt_len,
-                           steps=scale.decode_steps, chunk=min(10, scale.decode_steps), warmup=2, workdir=workdir,
-                           json_path=out_dir / "decode.json")
+    return _kept(bench_decode(scale.decode_size, batch_sizes=scale.batch_sizes, prompt_len=scale.prompt_len,
+                              steps=scale.decode_steps, chunk=min(10, scale.decode_steps), warmup=2,
+                              workdir=workdir, json_path=out_dir / "decode.json"))
+
+
+def measure_decode_small(out_dir: Path, workdir: Path) -> dict[str, Any]:
+    """`mole-jax bench decode --preset-size small` with the command's defaults: the run issue 12's goals name."""
+    return _kept(bench_decode("small", workdir=workdir, json_path=out_dir / "decode_small.json"))
+
+
+def _kept(payload: dict[str, Any]) -> dict[str, Any]:
     keep = ("model", "batch_size", "ms_per_step", "vs_dense", "h2d_bytes_per_step", "device_param_bytes")
     return {"rows": [{k: r[k] for k in keep} for r in payload["rows"]], "settings": payload["settings"],
             "summary": payload["summary"]}
@@ -392,6 +406,11 @@ def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
         for B in sorted({b for _, b in rows}):
             goal(f"decode {name} / dense at batch {B} <= {limit}", rows.get((name, B), {}).get("vs_dense"),
                  lambda v, lim=limit: v <= lim)
+    small = {(r["model"], r["batch_size"]): r for r in ((doc.get("decode_small") or {}).get("rows") or [])}
+    for B in sorted({b for _, b in small}):
+        for name, limit in (("mole-host", 1.10 if B == 1 else 1.05), ("mole-storage", 1.25)):
+            goal(f"decode small {name} / dense at batch {B} <= {limit}", small.get((name, B), {}).get("vs_dense"),
+                 lambda v, lim=limit: v <= lim)
     batch1 = min((b for _, b in rows), default=None)
     offload, host = rows.get(("moe-offload", batch1)), rows.get(("mole-host", batch1))
     goal(f"moe-offload / mole-host bytes per step at batch {batch1} >= 1000",
@@ -409,16 +428,18 @@ def markdown(doc: dict[str, Any]) -> str:
     if dev:
         t = dev.get("transfer") or {}
         lines += ["## Device", "", f"jax {dev.get('jax')}, jaxlib {dev.get('jaxlib')}, memory "
-                  f"{_gb(dev.get('memory_bytes'))} GB; bf16 matmul peak measured {_tf(dev.get('bf16_matmul_peak_flops_per_s'))}"
-                  f" TFLOP/s, nominal {_tf(dev.get('nominal_bf16_peak_flops_per_s'))} TFLOP/s.",
+                  f"{_gb(dev.get('memory_bytes'))} GB; bf16 matmul peak measured "
+                  f"{_tf(dev.get('bf16_matmul_peak_flops_per_s'))} TFLOP/s, nominal "
+                  f"{_tf(dev.get('nominal_bf16_peak_flops_per_s'))} TFLOP/s.",
                   f"Host->device GB/s: pageable {_gb(t.get('h2d_pageable'))}, pinned {_gb(t.get('h2d_pinned'))}; "
                   f"device->host: pageable {_gb(t.get('d2h_pageable'))}, pinned {_gb(t.get('d2h_pinned'))}.", ""]
     lines += _table("Goals", doc.get("goals") or [], ["goal", "value", "holds"])
     lines += _table("Training", doc.get("train") or [],
                     ["model", "micro_batch_per_device", "tokens_per_step", "step_ms", "tokens_per_s",
                      "mfu_vs_measured_peak", "mfu_vs_nominal_peak", "compiled_footprint_bytes", "loss"])
-    lines += _table("Decoding (ms per step; vs_dense from the same turns)", (doc.get("decode") or {}).get("rows") or [],
-                    ["model", "batch_size", "ms_per_step", "vs_dense", "h2d_bytes_per_step", "device_param_bytes"])
+    for key, title in (("decode", "Decoding"), ("decode_small", "Decoding, small presets")):
+        lines += _table(f"{title} (ms per step; vs_dense from the same turns)", (doc.get(key) or {}).get("rows") or [],
+                        ["model", "batch_size", "ms_per_step", "vs_dense", "h2d_bytes_per_step", "device_param_bytes"])
     if doc.get("convert"):
         lines += _table("Conversion", [doc["convert"]], ["wall_seconds", "achieved_flops_per_s", "bytes_written",
                                                           "write_bytes_per_s", "write_floor_bytes_per_s",
@@ -501,11 +522,21 @@ def _run(scale: Scale, budget: Budget, results: Results, work: Path, remat: str)
     corpus = run_piece("train data", cost["device"], budget, results,
                        lambda: data.open_corpus(None, vocab_size=cfgs["dense"].vocab_size))
     variants = TRAIN_VARIANTS + (ACCELERATOR_ONLY_VARIANTS if jax.default_backend() != "cpu" else ())
-    for name in variants if corpus is not None else ():
+    variants = variants if corpus is not None else ()
+
+    def train(name: str) -> None:
         row = run_piece(f"train {name}", cost["train"], budget, results,
-                        lambda name=name: measure_train_variant(name, cfgs[name], scale, mesh, corpus, device, remat))
+                        lambda: measure_train_variant(name, cfgs[name], scale, mesh, corpus, device, remat))
         if row:
             results.note("train", row)
+
+    for name in variants[:2]:  # Dense and MoLE-dedup: the ratio with a goal
+        train(name)
+    if scale.small_decode:
+        results.set("decode_small", run_piece("decode small", cost["decode small"], budget, results,
+                                              lambda: measure_decode_small(results.out_dir, work)))
+    for name in variants[2:]:
+        train(name)
 
 
 def _stop_at_budget(results: Results) -> None:

@@ -70,3 +70,22 @@ def test_bad_budget_is_one_line(tmp_path):
     out, _ = _run(tmp_path, "--budget-s", "0")
     assert out.returncode == 2 and "--budget-s must be positive" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_small_decode_goals(monkeypatch):
+    """The 160M run also times `bench decode --preset-size small` (issue 12's own goals, whose steps are short):
+    its rows get their own goal lines, batch 1 against 1.10 and larger batches against 1.05."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accelerator", ROOT / "experiments" / "accelerator.py")
+    acc = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "accelerator", acc)  # its dataclasses look their module up
+    spec.loader.exec_module(acc)
+    assert acc.SCALES["160m"].small_decode and not acc.SCALES["tiny"].small_decode
+    rows = [{"model": m, "batch_size": B, "vs_dense": v} for m, B, v in
+            (("mole-host", 1, 1.08), ("mole-host", 8, 1.08), ("mole-storage", 1, 1.3), ("mole-storage", 8, 1.2))]
+    holds = {g["goal"]: g["holds"] for g in acc.goals({"decode_small": {"rows": rows}})}
+    assert holds["decode small mole-host / dense at batch 1 <= 1.1"] is True
+    assert holds["decode small mole-host / dense at batch 8 <= 1.05"] is False
+    assert holds["decode small mole-storage / dense at batch 1 <= 1.25"] is False
+    assert holds["decode small mole-storage / dense at batch 8 <= 1.25"] is True

@@ -7,6 +7,7 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -356,6 +357,8 @@ def test_bench_decode_runs(tmp_path):
     assert by["mole-storage", 1]["cache"] == "cold" and by["mole-storage-warm", 1]["cache"] == "warm"
     assert by["mole-host", 1]["cache"] is None and by["dense", 1]["cache"] is None
     assert by["dense", 1]["h2d_bytes_per_step"] == 0 and by["mole-device", 1]["h2d_bytes_per_step"] == 0
+    assert by["dense-sync", 1]["h2d_bytes_per_step"] == 0 and by["dense-sync", 1]["cache"] is None
+    assert "mole-host / dense-sync ms (the fetch alone)" in out["summary"]
     assert by["moe-offload", 1]["h2d_bytes_per_step"] > 10 * by["mole-host", 1]["h2d_bytes_per_step"] > 0
     assert by["moe-offload", 1]["h2d_bytes_per_step_as_lut_dtype"] == by["moe-offload", 1]["h2d_bytes_per_step"] / 2
     assert abs(by["mole-host", 1]["device_param_bytes"] / by["dense", 1]["device_param_bytes"] - 1) < 0.02
@@ -385,6 +388,23 @@ def test_bench_feeds_held_out_text():
     starts_B = ids_SxB[0] - 100
     assert np.array_equal(ids_SxB, 100 + starts_B[None, :] + np.arange(6)[:, None])  # consecutive text per row
     assert len(set(starts_B.tolist())) > 1 and fed.h2d_bytes == model.decoder.h2d_bytes
+
+
+def test_bench_dense_sync_waits_for_tokens():
+    """bench decode's dense-sync row: Dense that dispatches nothing before the host has read the previous step's
+    tokens, and decodes the same tokens as Dense."""
+    from mole_jax.bench.decode import _Synced
+    from mole_jax.config import get_preset
+
+    cfg = get_preset("tiny-dense")
+    model = LanguageModel(cfg, init_params(cfg, seed=0))
+    template = decoder.random_state(cfg, 2, 8, 16, seed=0)
+    synced = _Synced(model.decoder)
+    assert synced.begin(template, None, True).state is template  # no step in flight while the host reads
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # steps donate the cache
+    plain = [ids for ids, _ in decoder.decode_loop(model.decoder, copy(template), 6, None, True)]
+    waited = [ids for ids, _ in decoder.decode_loop(synced, copy(template), 6, None, True)]
+    assert np.array_equal(np.stack(plain), np.stack(waited))
 
 
 def test_row_byte_ranges_hold_the_stored_rows(mole_run):

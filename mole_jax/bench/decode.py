@@ -8,7 +8,11 @@ text gets. Storage is measured cold (`mole-storage`): before each of its turns t
 the page cache and its Tensorstore cache pool holds nothing, so a step's rows come from the disk.
 `mole-storage-warm` is the same placement with the default cache pool and a warm page cache. The cold reads are
 recorded and replayed against a thread-pool `pread` of the same byte ranges (`bench.storage.storage_floor`): the
-rows/s a reader could reach on this disk."""
+rows/s a reader could reach on this disk.
+
+`dense-sync` is Dense made to wait, as a table off the device must: it dispatches each step only after the host has
+read the previous step's tokens. Against Dense it measures the host round trip alone (with nothing fetched), so
+mole-host's ratio splits into the round trip this backend exposes and the fetch itself."""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from mole_jax.bench.tools import machine, median, print_table, write_json
 from mole_jax import data
 from mole_jax.config import ModelConfig, MoleError, get_preset
 from mole_jax.decode import LanguageModel
-from mole_jax.decoder import decode_loop, random_state
+from mole_jax.decoder import Pending, decode_loop, random_state
 from mole_jax.lut import LookupTable, open_lut
 from mole_jax.lut_writer import write_table
 from mole_jax.model import init_params
@@ -39,8 +43,8 @@ from mole_jax.sampling import make_sampler
 DECODE_FAMILIES = {"tiny": ("tiny-dense", "tiny-moe", "tiny-mole"), "small": ("small-dense", "small-moe", "small-mole"),
                    "160m": ("dense-160m", "moe-10e-160m", "mole-4e-160m"),
                    "410m": ("dense-410m", "moe-10e-410m", "mole-4e-410m")}
-DECODE_MODELS = ("dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage", "mole-storage-warm",
-                 "mole-host-tier", "mole-storage-tier")
+DECODE_MODELS = ("dense", "dense-sync", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage",
+                 "mole-storage-warm", "mole-host-tier", "mole-storage-tier")
 CACHE = {"mole-storage": "cold", "mole-storage-tier": "cold", "mole-storage-warm": "warm"}  # the rest: no storage
 SAMPLE_TOP_K = 64  # every turn samples its tokens (temperature 1, top-k), each turn from its own seed
 
@@ -128,7 +132,7 @@ def _derive(rows: list[dict], modeled_key: str, link_gbps: float, lut_per_param:
     modeled time, the bytes moved like for like. Returns them by (model, batch size)."""
     rows.sort(key=lambda r: (r["batch_size"], DECODE_MODELS.index(r["model"])))
     by = {(r["model"], r["batch_size"]): r for r in rows}
-    resident = {"dense": "dense", "moe": "moe", "moe-offload": "moe"}
+    resident = {"dense": "dense", "dense-sync": "dense", "moe": "moe", "moe-offload": "moe"}
     for r in rows:
         base = by[resident.get(r["model"], "mole-device"), r["batch_size"]]
         r["compute_ms_per_step"] = base["ms_per_step"]
@@ -176,13 +180,36 @@ def _model_builders(cfgs: dict[str, ModelConfig], table: LookupTable, cold: Cold
                                      placement=placement)
 
     # the resident MoE on its fastest exact path: on CPU one buffer per expert (no copy of a chosen expert per step)
-    return {"moe": lambda: LanguageModel(moe, init_params(moe, seed=1)),  # its Decoder splits the experts (CPU)
+    return {"dense-sync": lambda: _synced(LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0))),
+            "moe": lambda: LanguageModel(moe, init_params(moe, seed=1)),  # its Decoder splits the experts (CPU)
             "moe-offload": lambda: LanguageModel(moe, init_params(moe, seed=1), offload_experts=True),
             "mole-device": mole_model("device", table), "mole-host": mole_model("host", table),
             "mole-storage": mole_model("storage", table if cold is None else cold),
             "mole-storage-warm": mole_model("storage", table),
             "mole-host-tier": lambda: _tiered(mole, table, "host", device_rows),
             "mole-storage-tier": lambda: _tiered(mole, table if cold is None else cold, "storage", device_rows)}
+
+
+class _Synced:
+    """A decoder (decoder.StepDecoder) that dispatches a step only once the host holds the previous step's tokens:
+    the round trip of a table off the device, without the fetch."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):  # params, h2d_bytes, device_param_bytes, prefill, ...
+        return getattr(self.inner, name)
+
+    def begin(self, state, sampler, greedy):
+        return Pending(state)  # nothing dispatched before the tokens are read
+
+    def finish(self, pending, ids_B, sampler, greedy):
+        return self.inner.finish(self.inner.begin(pending.state, sampler, greedy), ids_B, sampler, greedy)
+
+
+def _synced(model: LanguageModel) -> LanguageModel:
+    model.decoder = _Synced(model.decoder)
+    return model
 
 
 def _tier_rows(vocab_size: int, device_rows: int | None) -> int:
@@ -324,6 +351,11 @@ def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) 
 
     summary = {
         "mole-host / dense ms (goal <= 1.05)": per_batch(lambda B: by["mole-host", B]["vs_dense"]),
+        # each against Dense in its own turns, as below
+        "dense-sync / dense ms (the host round trip alone: Dense waiting for each step's tokens)": per_batch(
+            lambda B: by["dense-sync", B]["vs_dense"]),
+        "mole-host / dense-sync ms (the fetch alone)": per_batch(
+            lambda B: by["mole-host", B]["vs_dense"] / by["dense-sync", B]["vs_dense"]),
         "mole-storage (cold) / dense ms (goal <= 1.15 at 160M, 1.25 small)":
             per_batch(lambda B: by["mole-storage", B]["vs_dense"]),
         "mole-storage-warm / dense ms": per_batch(lambda B: by["mole-storage-warm", B]["vs_dense"]),
@@ -383,7 +415,7 @@ def _plot_decode(rows, batch_sizes, modeled_key, path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, (key, ylabel, title, yscale) in zip(axes, panels):
         for i, name in enumerate(DECODE_MODELS):
-            if key == "h2d_bytes_per_step" and name in ("dense", "moe", "mole-device"):
+            if key == "h2d_bytes_per_step" and name in ("dense", "dense-sync", "moe", "mole-device"):
                 continue  # nothing moves: no point on a log axis
             ys = [next(r[key] for r in rows if r["model"] == name and r["batch_size"] == B) for B in batch_sizes]
             ax.plot(batch_sizes, ys, marker="o", label=name, color=f"C{i}")
