@@ -104,7 +104,7 @@ class LanguageModel:
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
-                 offload_experts: bool = False, overlap: bool | None = None, run_dir: Path | None = None,
+                 offload_experts: bool = False, overlap: bool = True, run_dir: Path | None = None,
                  tier_K: np.ndarray | None = None, speculate: bool = True):
         if placement not in PLACEMENTS:
             raise MoleError(f"unknown LUT placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
@@ -333,7 +333,7 @@ def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig) -> str:
 
 
 def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_experts: bool = False,
-         overlap: bool | None = None, device_rows: int | None = None, device_tier_bytes: int | None = None,
+         overlap: bool = True, device_rows: int | None = None, device_tier_bytes: int | None = None,
          token_counts=None, speculate: bool = True) -> LanguageModel:
     """Load a checkpoint (a run directory = its latest step, a checkpoints directory, or a step directory).
 
@@ -344,7 +344,7 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
         only on the first load after the checkpoint's files were written or changed.
     lut_placement: where the table lives while decoding: "device", "host" (RAM) or "storage" (disk).
     offload_experts: MoE only: keep the routed experts in host memory (the paper's offloading baseline).
-    overlap: host/storage placements: overlap the row fetch with block 0 (default: on accelerators; see Decoder).
+    overlap: host/storage placements: overlap the row fetch with block 0 (default; see Decoder).
     device_rows / device_tier_bytes: host/storage placements: keep the rows of this many of the most frequent ids
         (or as many as fit these bytes) on the device, ordered by token_counts (see `device_tier`); speculate: see
         decoder.Decoder.

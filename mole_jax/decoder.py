@@ -5,8 +5,8 @@ they are overwritten).
 Every jitted entry point is traced once per (batch, cache length) bucket, takes only device arrays, donates the
 cache and is called with keyword arguments. All host -> device traffic is an explicit, counted put
 (`row_sources.Transfers.put`). With a table at the host or storage placement, a step needs the rows of its tokens,
-which the host can fetch only once it has read those tokens. With `overlap` (the default on accelerators) a step is
-then two jitted calls: block 0's front half (attention, shared FFN, router), which needs no rows, is dispatched
+which the host can fetch only once it has read those tokens. With `overlap` (the default) a step is then two jitted
+calls: block 0's front half (attention, shared FFN, router), which needs no rows, is dispatched
 first from the ids still on the device; the host then reads the ids, fetches their rows while the device works, and
 dispatches the rest (`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one
 call could not overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched
@@ -109,16 +109,17 @@ class Decoder:
 
     table: MoLE's lookup table (inference form) or None (Dense, MoE, MoLE training form: everything in-model).
     overlap: for the host and storage placements, split each step in two jitted calls so that the row fetch runs
-        while the device computes block 0's front half. Default: on accelerators. On the CPU backend the "device"
-        is the host's own cores, so there is nothing idle to overlap with, and each call pays for fresh pages of
-        its large temporaries (XLA's CPU allocator), which a second call doubles. Not with a device tier.
+        while the device computes block 0's front half (default; False: one call per step). On the CPU backend
+        too, where the "device" is the host's own cores: block 0's front half starts before the host has read the
+        ids, and the split measured faster than one call at the small presets and no slower at 160M
+        (results/latency/roundtrip_small.json). Not with a device tier.
     tier_K: the ids whose rows stay on the device in front of a host or storage table (row_sources.TieredRows).
     speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit and the
         ids after an all-hit step have lately all hit often enough (see the module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
-                 overlap: bool | None = None, tier_K: np.ndarray | None = None, speculate: bool = True):
+                 overlap: bool = True, tier_K: np.ndarray | None = None, speculate: bool = True):
         self.config, self.table, self.placement = cfg, table, placement
         self.transfers = Transfers()
         # CPU: each MoE expert its own buffer, so a step does not copy the experts it runs (a no-op elsewhere)
@@ -129,8 +130,7 @@ class Decoder:
         self.tiered = isinstance(self.source, TieredRows)
         self.speculate, self.redone, self._last_all_hit = speculate and self.tiered, 0, False
         self.speculation_success = 1.0  # P(a step's ids all hit | the previous step's did), a running estimate
-        self.split = self.fetching and not self.tiered and (jax.default_backend() != "cpu" if overlap is None
-                                                            else overlap)
+        self.split = self.fetching and not self.tiered and overlap
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         jit = partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
         self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
