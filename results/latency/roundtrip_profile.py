@@ -1,23 +1,25 @@
-"""Where mole-host's time over Dense goes at the `small` presets, and what the alternatives to the host round trip
-buy, side by side in one process (round robin, 10 steps a turn after 3 untimed, every step fed held-out text as
-`bench decode` does), batch 1 / 8 / 32:
+"""Where mole-host's time over Dense goes, and what the alternatives to the host round trip buy, side by side in one
+process (round robin, 10 steps a turn after 3 untimed, every step fed held-out text as `bench decode` does),
+batch 1 / 8 / 32:
 
     dense               Dense: step t+1 dispatched before the host reads step t's tokens
     dense-sync          Dense made to wait for each step's tokens before dispatching the next (bench decode's row):
                         the host round trip alone
     mole-device-sync    MoLE with its table on the device, made to wait the same way: the round trip of MoLE's step
-    mole-host           the table in host RAM: wait, gather, put, dispatch (the decoder's path on CPU)
-    mole-host-split     the same with `overlap=True`: block 0's front half dispatched before the host reads the ids
-    mole-host-in-call   the rows passed to the step's own call (moved in its dispatch) instead of a separate put
+    mole-host           the table in host RAM, the decoder's default: block 0's front half dispatched before the
+                        host reads the ids, then the fetch (wait, gather, put) and the rest of the step
+    mole-host-one-call  the same in one jitted call per step (`overlap=False`): wait, gather, put, dispatch
+    mole-host-in-call   one call whose rows are passed to the step's own call (moved in its dispatch), no own put
     mole-host-callback  the gather inside the step (`jax.pure_callback` on the ids): no host round trip between steps
 
-    python results/latency/roundtrip_profile.py [--rounds 20] [--json results/latency/roundtrip_small.json]
+    python results/latency/roundtrip_profile.py [--preset-size small] [--rounds 20] [--variants a,b,...] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -108,31 +110,38 @@ def _wrapped(model: LanguageModel, wrap) -> LanguageModel:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--preset-size", default="small")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--variants", default=None, help="comma-separated; default: all (dense always)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None, help="where the random table is written (160M: 3.5 GiB)")
     a = ap.parse_args()
-    cfgs = _configs("small", "float32", PROMPT + WARMUP + CHUNK + 1)
+    cfgs = _configs(a.preset_size, "float32", PROMPT + WARMUP + CHUNK + 1)
     dense_cfg, mole = cfgs["dense"], cfgs["mole"]
     sampler = jax.device_put(make_sampler(1.0, SAMPLE_TOP_K, 1.0, mole.vocab_size))
     text = _held_out_text(mole.vocab_size)[1]
     out = {"benchmark": "roundtrip_profile", "machine": machine(),
-           "command": "python results/latency/roundtrip_profile.py" + (f" --rounds {a.rounds}"
-                                                                       if a.rounds != 20 else ""),
+           "command": "python results/latency/roundtrip_profile.py " + " ".join(sys.argv[1:]),
            "step_ms": {}, "vs_dense": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         table = _random_table(Path(tmp) / "lut", mole, "float16")
 
         def mole_model(placement, **kw):
             return LanguageModel(mole, init_params(mole, seed=2, with_experts=False), table=table,
                                  placement=placement, **kw)
 
+        build = {"dense-sync": lambda: _wrapped(LanguageModel(dense_cfg, init_params(dense_cfg, seed=0)), _Synced),
+                 "mole-device-sync": lambda: _wrapped(mole_model("device"), _Synced),
+                 "mole-host": lambda: mole_model("host"),
+                 "mole-host-one-call": lambda: mole_model("host", overlap=False),
+                 "mole-host-in-call": lambda: _wrapped(mole_model("host", overlap=False), _InCall),
+                 "mole-host-callback": lambda: _wrapped(mole_model("host"), _Callback)}
+        names = a.variants.split(",") if a.variants else list(build)
+        unknown = set(names) - set(build)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}: choose from {', '.join(build)}")
         models = {"dense": LanguageModel(dense_cfg, init_params(dense_cfg, seed=0)),
-                  "dense-sync": _wrapped(LanguageModel(dense_cfg, init_params(dense_cfg, seed=0)), _Synced),
-                  "mole-device-sync": _wrapped(mole_model("device"), _Synced),
-                  "mole-host": mole_model("host"),
-                  "mole-host-split": mole_model("host", overlap=True),
-                  "mole-host-in-call": _wrapped(mole_model("host"), _InCall),
-                  "mole-host-callback": _wrapped(mole_model("host"), _Callback)}
+                  **{name: build[name]() for name in names}}
         for B in (1, 8, 32):
             template = random_state(mole, B, PROMPT, PROMPT + WARMUP + CHUNK + 1, seed=B)
             secs = {k: [] for k in models}
@@ -145,10 +154,13 @@ def main():
             out["vs_dense"][B] = {k: v / ms["dense"] for k, v in ms.items()}
             print(f"batch {B}: " + ", ".join(f"{k} {v:.3f} ms ({out['vs_dense'][B][k]:.3f}x)" for k, v in ms.items()),
                   flush=True)
-    out["settings"] = {"prompt_len": PROMPT, "rounds": a.rounds, "chunk": CHUNK, "warmup": WARMUP,
-                       "steps_per_model": a.rounds * CHUNK, "order": "round robin, reversed every other round"}
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    out["settings"] = {"preset_size": a.preset_size, "prompt_len": PROMPT, "rounds": a.rounds, "chunk": CHUNK,
+                       "warmup": WARMUP, "steps_per_model": a.rounds * CHUNK,
+                       "order": "round robin, reversed every other round"}
+    if a.json:  # runs accumulate: the spread between runs is part of the finding
+        path = Path(a.json)
+        runs = json.loads(path.read_text())["runs"] if path.exists() else []
+        path.write_text(json.dumps({"benchmark": "roundtrip_profile", "runs": runs + [out]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
