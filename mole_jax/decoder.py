@@ -112,7 +112,7 @@ class Decoder:
         while the device computes block 0's front half (default; False: one call per step). On the CPU backend
         too, where the "device" is the host's own cores: block 0's front half starts before the host has read the
         ids, and the split measured faster than one call at the small presets and no slower at 160M
-        (results/latency/roundtrip_small.json). Not with a device tier.
+        (results/latency/roundtrip_small.json). With a device tier, every step that is not speculated is split.
     tier_K: the ids whose rows stay on the device in front of a host or storage table (row_sources.TieredRows).
     speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit and the
         ids after an all-hit step have lately all hit often enough (see the module docstring).
@@ -130,7 +130,7 @@ class Decoder:
         self.tiered = isinstance(self.source, TieredRows)
         self.speculate, self.redone, self._last_all_hit = speculate and self.tiered, 0, False
         self.speculation_success = 1.0  # P(a step's ids all hit | the previous step's did), a running estimate
-        self.split = self.fetching and not self.tiered and overlap
+        self.split = self.fetching and overlap
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         jit = partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
         self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
@@ -196,15 +196,18 @@ class Decoder:
             return pending.state
         if self.tiered:
             return self._finish_tiered(pending, ids_B, sampler, greedy)
-        state = pending.state
         rows = self.source.fetch(ids_B[:, None], len(ids_B))  # a fixed shape: no retrace as the distinct ids vary
+        return self._complete(pending, rows, sampler, greedy)
+
+    def _complete(self, pending: Pending, rows, sampler: Sampler | None, greedy: bool) -> DecodeState:
+        """The step of `pending.state` with its rows: whole, or the rest after block 0's front half."""
+        state = pending.state
         args = dict(greedy=greedy, params=self.params, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B, key=state.key,
                     sampler=sampler, rows=rows)
-        if not self.split:
+        if pending.mid is None:
             return self._step(**args, cache=state.cache)
         new = self._step(**args, cache=state.cache[1:], mid=pending.mid)
         return new._replace(cache=[pending.cache0, *new.cache])
-
 
     def _finish_tiered(self, pending: Pending, ids_B: np.ndarray, sampler: Sampler | None,
                        greedy: bool) -> DecodeState:
@@ -217,12 +220,12 @@ class Decoder:
         if self._last_all_hit:  # would a speculation have held? (known whether or not this step speculated)
             self.speculation_success += (all_hit - self.speculation_success) * _SUCCESS_WEIGHT
         self._last_all_hit = all_hit
-        if pending.origin is not None:
-            if self._last_all_hit:
-                return pending.state
-            self.redone += 1
-        return self._step(greedy=greedy, params=self.params, cache=pending.state.cache, ids_Bx1=origin.ids_Bx1,
-                          pos_B=origin.pos_B, key=origin.key, sampler=sampler, rows=rows)
+        if pending.origin is None:
+            return self._complete(pending, rows, sampler, greedy)
+        if all_hit:
+            return pending.state
+        self.redone += 1  # whole: the speculated step's cache, the original step's ids, positions and key
+        return self._complete(Pending(origin._replace(cache=pending.state.cache)), rows, sampler, greedy)
 
 
 def decode_loop(decoder: StepDecoder, state: DecodeState, num_tokens: int, sampler: Sampler | None,

@@ -140,22 +140,24 @@ STEP_FUNCTIONS = ("_prefill", "_step", "_front")
 
 
 @pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload",
-                                     "mole-host-tier"])
+                                     "mole-host-tier", "mole-storage-tier-split"])
 def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, variant):
     """Generations of many steps, with other prompts of the same bucket and other sampling settings: each jitted
     function is traced at most twice, once for greedy decoding and once for sampling (the settings are device
     values); behind a device tier, twice per power-of-two number of missed rows (a step sends its misses' rows
-    padded to one: at most 1, 2 or 4 rows for these 3 sequences, at most 64 for their 33 prompt positions). Under
+    padded to one: at most 1, 2 or 4 rows for these 3 sequences, at most 64 for their 33 prompt positions), and
+    split steps trace the step's rest besides the whole step (speculated and redone steps are whole). Under
     transfer_guard("disallow") every transfer is an explicit device_put / device_get. (The offload baseline's
     per-layer functions are traced per number of experts moved; only its transfers are checked.)"""
     chex.clear_trace_counter()
-    tier = variant.endswith("-tier")
-    max_traces = {"_prefill": 2 * 7, "_step": 2 * 3, "_front": 0} if tier else dict.fromkeys(STEP_FUNCTIONS, 2)
+    tier, split = "-tier" in variant, variant.endswith("-split")
+    max_traces = ({"_prefill": 2 * 7, "_step": 2 * 3 * (1 + split), "_front": 2 * split} if tier
+                  else dict.fromkeys(STEP_FUNCTIONS, 2))
     for name in STEP_FUNCTIONS:
         monkeypatch.setattr(decoder, name, chex.assert_max_traces(getattr(decoder, name), n=max_traces[name]))
     if variant.startswith("mole"):
         model = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
-                     overlap=variant.endswith("-split"), device_rows=20 if tier else None)
+                     overlap=split, device_rows=20 if tier else None)
     else:
         cfg = prime_config(variant.split("-")[0])
         model = LanguageModel(cfg, init_params(cfg, seed=24), offload_experts=variant == "moe-offload")
@@ -444,17 +446,20 @@ def _tier_missing_late_ids(prompt, generated):
     return counts, len(early)
 
 
-@pytest.mark.parametrize("placement", ["host", "storage"])
-@pytest.mark.parametrize("speculate", [True, False])
-def test_device_tier_generation_equals_other_placements(mole_run, models, placement, speculate):
+@pytest.mark.parametrize("placement,speculate,overlap", [("host", True, True), ("host", False, False),
+                                                         ("storage", True, False), ("storage", False, True)])
+def test_device_tier_generation_equals_other_placements(mole_run, models, placement, speculate, overlap):
     """Greedy tokens with a tier that misses some generated ids equal the host placement's (batch 1 and batched),
-    the logits agree, and the tier counts its hits, the rows it fetched and the steps it redid."""
+    the logits agree, and the tier counts its hits, the rows it fetched and the steps it redid; with speculation
+    or not, each with split steps (the default) or whole ones."""
     run, lut_dir = mole_run
     plain = models(f"mole-{placement}")
     want_one, want_logits = plain.generate(PROMPTS[2], NEW, return_logits=True)
     counts, K = _tier_missing_late_ids(PROMPTS[2], want_one)
-    model = load(run, lut=lut_dir, lut_placement=placement, device_rows=K, token_counts=counts, speculate=speculate)
+    model = load(run, lut=lut_dir, lut_placement=placement, device_rows=K, token_counts=counts, speculate=speculate,
+                 overlap=overlap)
     dec = model.decoder
+    assert dec.split == overlap
     np.testing.assert_array_equal(dec.source.ids_K, np.flatnonzero(counts))
     with jax.transfer_guard("disallow"):  # the missed rows' puts are explicit too
         got_one, got_logits = model.generate(PROMPTS[2], NEW, return_logits=True)

@@ -11,6 +11,8 @@ batch 1 / 8 / 32:
     mole-host-one-call  the same in one jitted call per step (`overlap=False`): wait, gather, put, dispatch
     mole-host-in-call   one call whose rows are passed to the step's own call (moved in its dispatch), no own put
     mole-host-callback  the gather inside the step (`jax.pure_callback` on the ids): no host round trip between steps
+    mole-host-tier      a device tier of 10% of the vocabulary (bench decode's), steps not speculated split (default)
+    mole-host-tier-one-call  the same, every step not speculated in one call
 
     python results/latency/roundtrip_profile.py [--preset-size small] [--rounds 20] [--variants a,b,...] [--json F]
 """
@@ -29,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mole_jax import decoder as decoder_lib
+from mole_jax.bench import decode as bench
 from mole_jax.bench.decode import SAMPLE_TOP_K, _configs, _held_out_text, _random_table, _Synced, time_turn
 from mole_jax.bench.tools import machine, median
 from mole_jax.decode import LanguageModel
 from mole_jax.decoder import Pending, random_state
 from mole_jax.model import graphdef_and_shapes, init_params
-from mole_jax.row_sources import TableRows, nbytes
+from mole_jax.row_sources import TableRows, nbytes, tier_ids
 from mole_jax.sampling import make_sampler
 
 PROMPT, WARMUP, CHUNK = 512, 3, 10
@@ -119,7 +122,8 @@ def main():
     cfgs = _configs(a.preset_size, "float32", PROMPT + WARMUP + CHUNK + 1)
     dense_cfg, mole = cfgs["dense"], cfgs["mole"]
     sampler = jax.device_put(make_sampler(1.0, SAMPLE_TOP_K, 1.0, mole.vocab_size))
-    text = _held_out_text(mole.vocab_size)[1]
+    counts_V, text = _held_out_text(mole.vocab_size)
+    tier_K = tier_ids(counts_V, bench._tier_rows(mole.vocab_size, None), mole.vocab_size)
     out = {"benchmark": "roundtrip_profile", "machine": machine(),
            "command": "python results/latency/roundtrip_profile.py " + " ".join(sys.argv[1:]),
            "step_ms": {}, "vs_dense": {}}
@@ -135,7 +139,9 @@ def main():
                  "mole-host": lambda: mole_model("host"),
                  "mole-host-one-call": lambda: mole_model("host", overlap=False),
                  "mole-host-in-call": lambda: _wrapped(mole_model("host", overlap=False), _InCall),
-                 "mole-host-callback": lambda: _wrapped(mole_model("host"), _Callback)}
+                 "mole-host-callback": lambda: _wrapped(mole_model("host"), _Callback),
+                 "mole-host-tier": lambda: mole_model("host", tier_K=tier_K),
+                 "mole-host-tier-one-call": lambda: mole_model("host", tier_K=tier_K, overlap=False)}
         names = a.variants.split(",") if a.variants else list(build)
         unknown = set(names) - set(build)
         if unknown:
