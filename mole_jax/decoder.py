@@ -6,9 +6,9 @@ Every jitted entry point is traced once per (batch, cache length) bucket, takes 
 cache and is called with keyword arguments. All host -> device traffic is an explicit, counted put
 (`row_sources.Transfers.put`). With a table at the host or storage placement, a step needs the rows of its tokens,
 which the host can fetch only once it has read those tokens. With `overlap` (the default) a step is then two jitted
-calls: block 0's front half (attention, shared FFN, router), which needs no rows, is dispatched
-first from the ids still on the device; the host then reads the ids, fetches their rows while the device works, and
-dispatches the rest (`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one
+calls: block 0's front half (attention, shared FFN, router), which needs no rows, is dispatched first from the ids
+still on the device; the host then reads the ids, fetches their rows while the device works, and dispatches the
+rest (`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one
 call could not overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched
 before the host reads step t's tokens.
 

@@ -38,9 +38,10 @@ PINNED_HOST = "pinned_host"  # JAX's memory kind for page-locked host memory
 # bandwidth saves; above, a one-time bulk put (parameters, a device-resident table) would pin a copy of itself.
 PINNED_MIN_BYTES, PINNED_MAX_BYTES = 1 << 18, 1 << 28
 # A put of at most this many bytes goes through a jitted identity, whose host arguments JAX moves in its C++ dispatch
-# path: 12-19 us for a step's rows and index on CPU, where `jax.device_put` of the same two arrays spends ~100 us in
-# Python whatever their size. The identity copies its input once on the device (XLA has no aliasing for a host
-# argument), which is nothing at this size but would double a bulk put (parameters, a device-resident table).
+# path: 35-53 us for a step's rows and index on CPU, where `jax.device_put` of the same two arrays spends 93-107 us
+# in Python whatever their size (results/latency/put_small.json). The identity copies its input once on the device
+# (XLA has no aliasing for a host argument), which is nothing at this size but would double a bulk put (parameters,
+# a device-resident table).
 SMALL_PUT_MAX_BYTES = 1 << 20
 
 
