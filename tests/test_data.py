@@ -152,8 +152,9 @@ def test_token_file_with_partial_id_is_refused(tmp_path):
     with pytest.raises(MoleError, match="not a whole number"):
         data.open_corpus(tmp_path / "odd.bin", vocab_size=300)
     np.zeros(10, np.uint16).tofile(tmp_path / "a.bin")
-    with pytest.raises(MoleError, match="one token file"):
-        data.open_corpus([tmp_path / "a.bin", tmp_path / "a.bin"], vocab_size=300)
+    (tmp_path / "a.txt").write_text(PROSE)
+    with pytest.raises(MoleError, match="or text, not a mix of both"):  # several token files: test_indexed_data
+        data.open_corpus([tmp_path / "a.bin", tmp_path / "a.txt"], vocab_size=300)
 
 
 def test_split_is_disjoint_complete_and_spread():
