@@ -20,11 +20,11 @@ from flax import nnx
 
 from mole_jax import checkpoint, data
 from mole_jax.config import ModelConfig, MoleError
-from mole_jax.decoder import Decoder, decode_loop
+from mole_jax.decoder import Decoder, chunked_loop, decode_loop
 from mole_jax.lut import LookupTable, fingerprint, open_lut, table_inputs
 from mole_jax.model import ArrayRows, Params, graphdef_and_shapes, without_routed_experts
 from mole_jax.offload import OffloadDecoder
-from mole_jax.row_sources import PLACEMENTS, DeviceTable, TieredRows, device_tier, next_pow2
+from mole_jax.row_sources import PLACEMENTS, TableReader, TieredRows, device_tier, next_pow2
 from mole_jax.sampling import Sampler, generation_sampler, positions
 
 
@@ -78,9 +78,11 @@ def _logits(graphdef, params, ids_BxT, rows_UxLxNxD, index_BxT):
 
 def _token_logprobs(graphdef, params, ids_BxT, targets_BxT, rows):
     """log p(target | prefix) and whether the target is the argmax, at every position ([B, T] each). The head runs
-    one sequence at a time (lax.map): memory holds [T, V] logits, never [B, T, V] (16 x 2048 x 50304 is 6.6 GB)."""
+    one sequence at a time (lax.map): memory holds [T, V] logits, never [B, T, V] (16 x 2048 x 50304 is 6.6 GB).
+    rows: fetched TableRows, or a TableReader the pass reads itself."""
     model = nnx.merge(graphdef, params)
     B, T = ids_BxT.shape
+    rows = rows.rows(ids_BxT) if isinstance(rows, TableReader) else rows
     x0_BxTxD = model.embed(ids_BxT)
     routed = model.routed_input(ids_BxT, x0_BxTxD, rows)
     h_BxTxD, _, _ = model.layers(x0_BxTxD, positions(jnp.zeros((B,), jnp.int32), T), routed)
@@ -100,12 +102,13 @@ class LanguageModel:
 
     table: MoLE's lookup table (a `lut.LookupTable`, or any object with its interface) for the inference form,
     kept at `placement`; None runs the model as trained. offload_experts: MoE only, the offloading baseline.
-    overlap, tier_K (the ids of a device tier) and speculate: see decoder.Decoder.
+    host_read, steps_per_dispatch, overlap, tier_K (the ids of a device tier) and speculate: see decoder.Decoder.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
                  offload_experts: bool = False, overlap: bool = True, run_dir: Path | None = None,
-                 tier_K: np.ndarray | None = None, speculate: bool = True):
+                 tier_K: np.ndarray | None = None, speculate: bool = True, host_read: str = "program",
+                 steps_per_dispatch: int | None = None):
         if placement not in PLACEMENTS:
             raise MoleError(f"unknown LUT placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if table is not None and cfg.kind != "mole":
@@ -122,7 +125,7 @@ class LanguageModel:
             self.decoder = OffloadDecoder(cfg, params)
         else:
             self.decoder = Decoder(cfg, params, table=table, placement=placement, overlap=overlap, tier_K=tier_K,
-                                   speculate=speculate)
+                                   speculate=speculate, host_read=host_read, steps_per_dispatch=steps_per_dispatch)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         self._logits = jax.jit(partial(_logits, graphdef))
         self._token_logprobs = jax.jit(partial(_token_logprobs, graphdef))
@@ -174,8 +177,8 @@ class LanguageModel:
         self._need_experts_on_device("token_logprobs")
         dec = self.decoder
         ids_d, targets_d = dec.transfers.put((ids, targets))
-        if dec.source is None or isinstance(dec.source, DeviceTable):  # everything the pass reads is on the device
-            return self._token_logprobs(self.params, ids_d, targets_d, dec.device_rows(ids_d))
+        if not dec.fetching:  # the pass reads every row itself
+            return self._token_logprobs(self.params, ids_d, targets_d, dec.reader)
         if len(self._scoring) == 2:  # the staging buffer about to be refilled was sent two calls ago: done?
             jax.block_until_ready(self._scoring.popleft())
         rows = (dec.source.fetch(ids, ids_d) if isinstance(dec.source, TieredRows)
@@ -201,9 +204,10 @@ class LanguageModel:
         # full sort only for a row whose cutoff lies beyond them (sampling.generation_sampler).
         return self.decoder.transfers.put(generation_sampler(temperature, top_k, top_p, V, jax.default_backend()))
 
-    def _steps(self, prompts: list[np.ndarray], max_new_tokens: int, sampler: Sampler | None,
-               seed: int) -> Iterator[tuple[np.ndarray, jax.Array]]:
-        """Per step: the new token of every sequence (host numpy [B]) and the logits it came from (device)."""
+    def _steps(self, prompts: list[np.ndarray], max_new_tokens: int, sampler: Sampler | None, seed: int, *,
+               eos_id: int | None = None, with_logits: bool = False) -> Iterator[tuple[np.ndarray, jax.Array]]:
+        """Per step: the new token of every sequence (host numpy [B]) and, with_logits, the logits it came from
+        (device). May stop after the step where every sequence has produced eos_id."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         longest = int(lengths.max())
         cache_len = min(next_pow2(longest + max_new_tokens), self.config.max_seq_len)
@@ -212,7 +216,11 @@ class LanguageModel:
         ids_BxT = np.stack([np.concatenate([p, np.full(T - len(p), p[0], np.int32)]) for p in prompts])
         greedy = sampler is None
         state = self.decoder.prefill(ids_BxT, lengths, cache_len, seed, sampler, greedy)
-        yield from decode_loop(self.decoder, state, max_new_tokens, sampler, greedy)
+        if getattr(self.decoder, "chunked", False):
+            yield from chunked_loop(self.decoder, state, max_new_tokens, sampler, greedy, eos_id=eos_id,
+                                    with_logits=with_logits)
+        else:
+            yield from decode_loop(self.decoder, state, max_new_tokens, sampler, greedy)
 
     def stream(self, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, eos_id: int | None = None, seed: int = 0) -> Iterator[list[int | None]]:
@@ -221,7 +229,7 @@ class LanguageModel:
         prompts, _ = check_prompts(prompt_ids, max_new_tokens, self.config)
         sampler = self._sampler(temperature, top_k, top_p, eos_id)
         live = np.ones(len(prompts), bool)
-        for ids_B, _ in self._steps(prompts, max_new_tokens, sampler, seed):
+        for ids_B, _ in self._steps(prompts, max_new_tokens, sampler, seed, eos_id=eos_id):
             out = [int(t) if a else None for t, a in zip(ids_B, live)]
             if eos_id is not None:
                 live &= ids_B != eos_id
@@ -244,7 +252,8 @@ class LanguageModel:
         sampler = self._sampler(temperature, top_k, top_p, eos_id)
         new, logits = [[] for _ in prompts], [[] for _ in prompts]
         live = np.ones(len(prompts), bool)
-        for ids_B, logits_BxV in self._steps(prompts, max_new_tokens, sampler, seed):
+        for ids_B, logits_BxV in self._steps(prompts, max_new_tokens, sampler, seed, eos_id=eos_id,
+                                             with_logits=return_logits):
             if return_logits:
                 logits_BxV = jax.device_get(logits_BxV)
             for b in np.flatnonzero(live):
@@ -334,7 +343,8 @@ def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig) -> str:
 
 def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_experts: bool = False,
          overlap: bool = True, device_rows: int | None = None, device_tier_bytes: int | None = None,
-         token_counts=None, speculate: bool = True) -> LanguageModel:
+         token_counts=None, speculate: bool = True, host_read: str = "program",
+         steps_per_dispatch: int | None = None) -> LanguageModel:
     """Load a checkpoint (a run directory = its latest step, a checkpoints directory, or a step directory).
 
     lut: MoLE only: a lookup table directory (or an opened table) to decode with, in inference form: the routed
@@ -344,10 +354,13 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
         only on the first load after the checkpoint's files were written or changed.
     lut_placement: where the table lives while decoding: "device", "host" (RAM) or "storage" (disk).
     offload_experts: MoE only: keep the routed experts in host memory (the paper's offloading baseline).
-    overlap: host/storage placements: overlap the row fetch with block 0 (default; see Decoder).
-    device_rows / device_tier_bytes: host/storage placements: keep the rows of this many of the most frequent ids
-        (or as many as fit these bytes) on the device, ordered by token_counts (see `device_tier`); speculate: see
-        decoder.Decoder.
+    host_read: the host placement's reads: "program" (the compiled step reads host memory; default) or "gather"
+        (the host gathers each step's rows and puts them).
+    steps_per_dispatch: decode steps per dispatch when the program reads every row itself (see decoder.Decoder).
+    overlap: a table the host fetches for: overlap the row fetch with block 0 (default; see decoder.Decoder).
+    device_rows / device_tier_bytes: a table the host fetches for: keep the rows of this many of the most frequent
+        ids (or as many as fit these bytes) on the device, ordered by token_counts (see `device_tier`); speculate:
+        see decoder.Decoder.
     """
     if lut_placement not in PLACEMENTS:
         raise MoleError(f"unknown LUT placement {lut_placement!r}: use one of {', '.join(PLACEMENTS)}")
@@ -355,7 +368,7 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     ref = checkpoint.locate(path)
     cfg = ModelConfig.from_dict(meta["model_config"])
     kw = dict(placement=lut_placement, offload_experts=offload_experts, overlap=overlap, run_dir=ref.run_dir,
-              speculate=speculate)
+              speculate=speculate, host_read=host_read, steps_per_dispatch=steps_per_dispatch)
     tier = dict(device_rows=device_rows, device_tier_bytes=device_tier_bytes, token_counts=token_counts)
     if (device_rows is not None or device_tier_bytes is not None) and (cfg.kind != "mole" or lut is None and
                                                                         meta.get("has_experts", True)):

@@ -4,13 +4,22 @@ they are overwritten).
 
 Every jitted entry point is traced once per (batch, cache length) bucket, takes only device arrays, donates the
 cache and is called with keyword arguments. All host -> device traffic is an explicit, counted put
-(`row_sources.Transfers.put`). With a table at the host or storage placement, a step needs the rows of its tokens,
-which the host can fetch only once it has read those tokens. With `overlap` (the default) a step is then two jitted
-calls: block 0's front half (attention, shared FFN, router), which needs no rows, is dispatched first from the ids
-still on the device; the host then reads the ids, fetches their rows while the device works, and dispatches the
-rest (`forward(..., resume=mid)`). A jitted call starts only when all of its inputs are ready, so one
-call could not overlap the fetch. Dense, MoE and the device placement need no host-side ids: step t+1 is dispatched
-before the host reads step t's tokens.
+(`row_sources.Transfers.put`).
+
+When the program can read every row it needs (Dense, MoE, MoLE with its table on the device, in host memory read
+by the program, or mapped from its files on CPU: a `row_sources.TableReader`), generation runs on the device in
+chunks: one dispatch runs K steps (`steps_per_dispatch`) in a `lax.while_loop` with the sampler, the KV cache and
+the stop test inside, and the host reads chunk c's tokens while chunk c+1 runs (`chunked_loop`). Nothing crosses
+between the host and the device inside a chunk, nor between chunks: the step counter, the stop flags and the
+sampler's key stay on the device. The loop stops early once every sequence has produced `eos_id`, at exactly
+the step where a step-by-step decode stops.
+
+A table the host must fetch for (storage on an accelerator, or the host placement's host-side gather) needs the
+step's tokens on the host before their rows can travel, so its steps run one per dispatch (`decode_loop`). With
+`overlap` (the default) a step is then two jitted calls: block 0's front half (attention, shared FFN, router),
+which needs no rows, is dispatched first from the ids still on the device; the host then reads the ids, fetches
+their rows while the device works, and dispatches the rest (`forward(..., resume=mid)`). A jitted call starts only
+when all of its inputs are ready, so one call could not overlap the fetch.
 
 A device tier (row_sources.TieredRows) finds each token's tier row on the device, so a step whose ids all hit
 needs nothing from the host. With `speculate` (the default) a tiered step is dispatched before the host reads its
@@ -37,7 +46,7 @@ from mole_jax.config import ModelConfig, MoleError
 from mole_jax.layers import KVCache
 from mole_jax.model import Mid, Params, empty_cache, graphdef_and_shapes, per_expert_buffers
 from mole_jax.row_sources import (
-    DeviceTable,
+    TableReader,
     TableRows,
     TierCounts,
     TieredRows,
@@ -52,6 +61,7 @@ from mole_jax.sampling import DecodeState, Sampler, advance, positions
 # presets), so it pays from about 0.8-0.9 success; below, the redone steps cost more than the round trips saved.
 SPECULATE_MIN_SUCCESS = 0.9
 _SUCCESS_WEIGHT = 1 / 16  # the running estimate's weight on the newest step: it follows the last ~16 all-hit steps
+DEFAULT_STEPS_PER_DISPATCH = 16  # chunked generation's K (see STEPS_PER_DISPATCH_NOTE in docs/decoding.md)
 
 
 class Pending(NamedTuple):
@@ -82,17 +92,74 @@ class StepDecoder(Protocol):
 
 
 # Jitted entry points: thin, separate functions, so that each is traced (and counted by the tests) on its own.
+def _in_program(rows, ids_BxT):
+    """A TableReader's rows of these tokens, read inside the jitted program; fetched rows as they are."""
+    return rows.rows(ids_BxT) if isinstance(rows, TableReader) else rows
+
+
 def _prefill(graphdef, *, greedy, params, cache, ids_BxT, lengths_B, seed, sampler, rows, mid=None):
     B, T = ids_BxT.shape
     logits_BxV, cache, _ = nnx.merge(graphdef, params).forward(
-        ids_BxT, positions(jnp.zeros((B,), jnp.int32), T), caches=cache, rows=rows, last_B=lengths_B - 1, resume=mid)
+        ids_BxT, positions(jnp.zeros((B,), jnp.int32), T), caches=cache, rows=_in_program(rows, ids_BxT),
+        last_B=lengths_B - 1, resume=mid)
     return advance(logits_BxV, cache, jax.random.key(seed), None if greedy else sampler, lengths_B)
 
 
+def _one_step(model, greedy, sampler, rows, state: DecodeState) -> DecodeState:
+    logits_BxV, cache, _ = model.forward(
+        state.ids_Bx1, positions(state.pos_B, 1), caches=state.cache, rows=_in_program(rows, state.ids_Bx1),
+        last_B=jnp.zeros_like(state.pos_B))
+    return advance(logits_BxV, cache, state.key, None if greedy else sampler, state.pos_B + 1)
+
+
 def _step(graphdef, *, greedy, params, cache, ids_Bx1, pos_B, key, sampler, rows, mid=None):
+    if mid is None:
+        return _one_step(nnx.merge(graphdef, params), greedy, sampler, rows,
+                         DecodeState(ids_Bx1, pos_B, cache, key, None))
     logits_BxV, cache, _ = nnx.merge(graphdef, params).forward(
         ids_Bx1, positions(pos_B, 1), caches=cache, rows=rows, last_B=jnp.zeros_like(pos_B), resume=mid)
-    return advance(logits_BxV, cache, key, None if greedy else sampler, pos_B + 1)
+    return advance(logits_BxV, cache, key, sampler if not greedy else None, pos_B + 1)
+
+
+class Chunk(NamedTuple):
+    """A chunk of generation on the device: the state after it, and what the host reads of it."""
+
+    state: DecodeState
+    done_B: jax.Array  # bool: the sequence has produced eos_id
+    made: jax.Array  # int32 scalar: tokens generated so far (the prefill's included)
+    ids_KxB: jax.Array  # the tokens of the chunk's steps (rows past its last step: any value)
+    logits_KxBxV: jax.Array | None  # with_logits: what each was sampled from
+
+
+def _chunk(graphdef, *, greedy, steps, with_logits, params, cache, ids_Bx1, pos_B, key, logits_BxV, done_B, made,
+           total, eos_id, sampler, rows, forced_SxB=None):
+    """Up to `steps` decode steps in one dispatch: until `total` tokens are made or every sequence has produced
+    eos_id. forced_SxB (benchmarks): after making token g, feed forced_SxB[g] instead of it."""
+    model = nnx.merge(graphdef, params)
+    B, V = logits_BxV.shape
+    done_B = done_B | (ids_Bx1[:, 0] == eos_id)
+    ids_KxB = jnp.zeros((steps, B), jnp.int32)
+    logits_KxBxV = jnp.zeros((steps, B, V), jnp.float32) if with_logits else None
+
+    def cond(carry):
+        i, _, done_B, made, *_ = carry
+        return (i < steps) & (made < total) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, state, done_B, made, ids_KxB, logits_KxBxV = carry
+        state = _one_step(model, greedy, sampler, rows, state)
+        ids_B = state.ids_Bx1[:, 0]
+        ids_KxB = ids_KxB.at[i].set(ids_B)
+        if with_logits:
+            logits_KxBxV = logits_KxBxV.at[i].set(state.logits_BxV)
+        if forced_SxB is not None:
+            state = state._replace(ids_Bx1=forced_SxB[made][:, None])
+        return i + 1, state, done_B | (ids_B == eos_id), made + 1, ids_KxB, logits_KxBxV
+
+    start = DecodeState(ids_Bx1, pos_B, cache, key, logits_BxV)
+    _, state, done_B, made, ids_KxB, logits_KxBxV = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), start, done_B, made, ids_KxB, logits_KxBxV))
+    return Chunk(state, done_B, made, ids_KxB, logits_KxBxV)
 
 
 def _front(graphdef, *, params, cache0, ids_BxT, start_B=None):
@@ -108,25 +175,33 @@ class Decoder:
     """Prefill and decode steps of one model on the default device (see the module docstring).
 
     table: MoLE's lookup table (inference form) or None (Dense, MoE, MoLE training form: everything in-model).
-    overlap: for the host and storage placements, split each step in two jitted calls so that the row fetch runs
-        while the device computes block 0's front half (default; False: one call per step). On the CPU backend
-        too, where the "device" is the host's own cores: block 0's front half starts before the host has read the
-        ids, and the split measured faster than one call at the small presets and no slower at 160M
-        (results/latency/roundtrip_small.json). With a device tier, every step that is not speculated is split.
-    tier_K: the ids whose rows stay on the device in front of a host or storage table (row_sources.TieredRows).
+    placement: where the table lives (row_sources.PLACEMENTS); host_read: how the host placement's rows reach the
+        step (row_sources.HOST_READS: "program", the default, or "gather", the host's round trip).
+    steps_per_dispatch: K, the steps one dispatch runs when the program reads every row itself (default
+        DEFAULT_STEPS_PER_DISPATCH); a table the host fetches for runs one step per dispatch whatever K is.
+    overlap: for a table the host fetches for, split each step in two jitted calls so that the row fetch runs
+        while the device computes block 0's front half (default; False: one call per step).
+    tier_K: the ids whose rows stay on the device in front of a table the host fetches for (row_sources.TieredRows).
     speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit and the
         ids after an all-hit step have lately all hit often enough (see the module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
-                 overlap: bool = True, tier_K: np.ndarray | None = None, speculate: bool = True):
+                 host_read: str = "program", steps_per_dispatch: int | None = None, overlap: bool = True,
+                 tier_K: np.ndarray | None = None, speculate: bool = True):
         self.config, self.table, self.placement = cfg, table, placement
+        self.steps_per_dispatch = check_steps_per_dispatch(steps_per_dispatch)
         self.transfers = Transfers()
         # CPU: each MoE expert its own buffer, so a step does not copy the experts it runs (a no-op elsewhere)
         params = per_expert_buffers(cfg, params)
         self.params = self.transfers.put(params) if _on_host(params) else params
-        self.source = None if table is None else row_source(table, placement, self.transfers, tier_K)
-        self.fetching = table is not None and placement != "device"
+        source = None if table is None else row_source(table, placement, self.transfers, tier_K,
+                                                         host_read=host_read)
+        self.reader = source if isinstance(source, TableReader) else None  # rows the program reads itself
+        self.source = None if self.reader is not None else source  # rows the host fetches for each step
+        self.fetching = self.source is not None
+        self.chunked = not self.fetching
+        self.rows_read = 0  # tokens whose rows the program read from a table off the device (host, storage)
         self.tiered = isinstance(self.source, TieredRows)
         self.speculate, self.redone, self._last_all_hit = speculate and self.tiered, 0, False
         self.speculation_success = 1.0  # P(a step's ids all hit | the previous step's did), a running estimate
@@ -136,26 +211,29 @@ class Decoder:
         self._zeros = jax.jit(partial(empty_cache, cfg), static_argnums=(0, 1))
         self._prefill = jit(partial(_prefill, graphdef))
         self._step = jit(partial(_step, graphdef))
+        self._chunk = jax.jit(partial(_chunk, graphdef), static_argnames=("greedy", "steps", "with_logits"),
+                              donate_argnames=("cache",))
         self._front = jax.jit(partial(_front, graphdef), donate_argnames=("cache0",))
 
     @property
     def h2d_bytes(self) -> int:
-        return self.transfers.bytes_sent
+        """Bytes moved host -> device: every put, and the rows the program read from host memory or storage."""
+        off_device = self.reader is not None and self.placement != "device"
+        return self.transfers.bytes_sent + (self.rows_read * self.table.row_nbytes if off_device else 0)
 
     @property
     def device_param_bytes(self) -> int:
-        """What stays resident on the accelerator: the parameters, and the table when it lives there."""
-        table = self.source.stored if isinstance(self.source, (DeviceTable, TieredRows)) else None
+        """What stays resident on the accelerator: the parameters, and the table (or its tier) when it lives there."""
+        if self.placement == "device" and self.reader is not None:
+            table = self.reader.stored
+        else:
+            table = self.source.stored if self.tiered else None
         return nbytes(self.params) + (nbytes(table) if table is not None else 0)
 
     @property
     def tier_counts(self) -> TierCounts | None:
         """A device tier's lookups so far (hits, rows fetched and sent), or None without a tier."""
         return self.source.counts if self.tiered else None
-
-    def device_rows(self, ids_BxT: jax.Array) -> TableRows | None:
-        """The rows a step reads when nothing needs fetching: the resident table's, or none (no table)."""
-        return self.source.rows(ids_BxT) if isinstance(self.source, DeviceTable) else None
 
     def prefill(self, ids_BxT: np.ndarray, lengths_B: np.ndarray, cache_len: int, seed: int,
                 sampler: Sampler | None, greedy: bool) -> DecodeState:
@@ -164,7 +242,8 @@ class Decoder:
         ids_d, lengths_d, seed_d = self.transfers.put((ids_BxT, lengths_B, np.int32(seed)))
         args = dict(greedy=greedy, params=self.params, lengths_B=lengths_d, seed=seed_d, sampler=sampler)
         if not self.fetching:
-            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.device_rows(ids_d))
+            self.rows_read += ids_BxT.size if self.reader is not None else 0
+            return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.reader)
         if self.tiered:
             self._last_all_hit = False  # the first step of a generation waits for its ids
             return self._prefill(**args, cache=cache, ids_BxT=ids_d, rows=self.source.fetch(ids_BxT, ids_d))
@@ -176,11 +255,33 @@ class Decoder:
                               mid=mid)
         return state._replace(cache=[cache0, *state.cache])  # block 0's cache never passes through the second call
 
+    def start(self, state: DecodeState, num_tokens: int, eos_id: int | None) -> Chunk:
+        """The chunked loop's first carry: `state` (its ids the first of `num_tokens` tokens) and, on the device,
+        the stop flags, the count of tokens made and the loop's constants (one put)."""
+        if not self.chunked:
+            raise MoleError("this decoder's table is fetched by the host: it runs one step per dispatch")
+        made, total, eos = self.transfers.put((np.int32(1), np.int32(num_tokens), np.int32(-1 if eos_id is None
+                                                                                            else eos_id)))
+        self._loop_consts = total, eos
+        return Chunk(state, _no_done(state.ids_Bx1), made, None, None)
+
+    def chunk(self, carry: Chunk, sampler: Sampler | None, greedy: bool, *, with_logits: bool = False,
+              forced_SxB: jax.Array | None = None) -> Chunk:
+        """Dispatch the next chunk from `carry` (its cache donated): up to steps_per_dispatch steps. Moves nothing
+        between the host and the device."""
+        state = carry.state
+        total, eos = self._loop_consts
+        self.rows_read += state.ids_Bx1.shape[0] * self.steps_per_dispatch if self.reader is not None else 0
+        return self._chunk(greedy=greedy, steps=self.steps_per_dispatch, with_logits=with_logits,
+                           params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B,
+                           key=state.key, logits_BxV=state.logits_BxV, done_B=carry.done_B, made=carry.made,
+                           total=total, eos_id=eos, sampler=sampler, rows=self.reader, forced_SxB=forced_SxB)
+
     def begin(self, state: DecodeState, sampler: Sampler | None, greedy: bool) -> Pending:
         if not self.fetching:
+            self.rows_read += state.ids_Bx1.shape[0] if self.reader is not None else 0
             return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
-                                      pos_B=state.pos_B, key=state.key, sampler=sampler,
-                                      rows=self.device_rows(state.ids_Bx1)))
+                                      pos_B=state.pos_B, key=state.key, sampler=sampler, rows=self.reader))
         if self.speculate and self._last_all_hit and self.speculation_success >= SPECULATE_MIN_SUCCESS:
             return Pending(self._step(greedy=greedy, params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1,
                                       pos_B=state.pos_B, key=state.key, sampler=sampler,
@@ -230,8 +331,9 @@ class Decoder:
 
 def decode_loop(decoder: StepDecoder, state: DecodeState, num_tokens: int, sampler: Sampler | None,
                 greedy: bool) -> Iterator[tuple[np.ndarray, jax.Array]]:
-    """From a state whose ids are the first new tokens: yield `num_tokens` tokens per sequence (host numpy [B])
-    with the logits each came from (on the device). The next step is dispatched before the host reads the ids."""
+    """One step per dispatch, from a state whose ids are the first new tokens: yield `num_tokens` tokens per
+    sequence (host numpy [B]) with the logits each came from (on the device). The next step is dispatched before
+    the host reads the ids."""
     for i in range(num_tokens):
         pending = decoder.begin(state, sampler, greedy) if i + 1 < num_tokens else None
         ids_B = jax.device_get(state.ids_Bx1)[:, 0]  # one sync per step; the device is already busy
@@ -239,6 +341,31 @@ def decode_loop(decoder: StepDecoder, state: DecodeState, num_tokens: int, sampl
         if pending is None:
             return
         state = decoder.finish(pending, ids_B, sampler, greedy)
+
+
+def chunked_loop(decoder: Decoder, state: DecodeState, num_tokens: int, sampler: Sampler | None, greedy: bool, *,
+                 eos_id: int | None = None, with_logits: bool = False,
+                 forced_SxB: jax.Array | None = None) -> Iterator[tuple[np.ndarray, jax.Array | None]]:
+    """decode_loop's tokens, K steps per dispatch: chunk c+1 is dispatched before the host reads chunk c's tokens.
+    Stops after the step at which every sequence has produced eos_id. Logits (on the device) only with_logits,
+    else None. forced_SxB: see `_chunk`."""
+    K = decoder.steps_per_dispatch
+    carry = decoder.start(state, num_tokens, eos_id)
+    pending = decoder.chunk(carry, sampler, greedy, with_logits=with_logits, forced_SxB=forced_SxB) \
+        if num_tokens > 1 else None
+    first_B = jax.device_get(state.ids_Bx1)[:, 0]
+    yield first_B, (state.logits_BxV if with_logits else None)
+    made = 1
+    live = eos_id is None or bool((first_B != eos_id).any())
+    while pending is not None and live:
+        ahead = made + K < num_tokens
+        nxt = decoder.chunk(pending, sampler, greedy, with_logits=with_logits, forced_SxB=forced_SxB) \
+            if ahead else None
+        ids_KxB, now = jax.device_get((pending.ids_KxB, pending.made))
+        for k in range(int(now) - made):
+            yield ids_KxB[k], (pending.logits_KxBxV[k] if with_logits else None)
+        live = int(now) - made == min(K, num_tokens - made)  # a chunk ends early only when every sequence stopped
+        made, pending = int(now), nxt
 
 
 def _random_state(cfg: ModelConfig, batch: int, filled: int, cache_len: int, key) -> DecodeState:
@@ -264,6 +391,21 @@ def random_state(cfg: ModelConfig, batch: int, filled: int, cache_len: int, seed
 def _random_state_fn(cfg: ModelConfig, batch: int, filled: int, cache_len: int):
     """Compiled once per shape: a benchmark asks for the same state for every model it times."""
     return jax.jit(partial(_random_state, cfg, batch, filled, cache_len))
+
+
+def check_steps_per_dispatch(steps: int | None) -> int:
+    """K: a positive integer (None: DEFAULT_STEPS_PER_DISPATCH)."""
+    if steps is None:
+        return DEFAULT_STEPS_PER_DISPATCH
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise MoleError(f"steps per dispatch must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
+@jax.jit
+def _no_done(ids_Bx1: jax.Array) -> jax.Array:
+    """All-False stop flags [B], made on the device."""
+    return jnp.zeros(ids_Bx1.shape[:1], bool)
 
 
 def _on_host(tree) -> bool:

@@ -2,19 +2,23 @@
 
 MoLE's routed experts read the table rows of the step's tokens, in the table's stored form (float or quantized),
 dequantized on the device layer by layer (`TableRows.for_layer`). The table lives at one of three placements:
-    device   all of it in accelerator memory (`DeviceTable`): rows are gathered inside the step by token id
-    host     in host RAM (`HostRows`): the step's distinct ids are gathered into a reused staging buffer
-    storage  read from the Tensorstore table (`StorageRows`): one batched read of the distinct ids
-Host and storage sources send the rows of a step in one explicit put (`Transfers.put`, which counts it).
-A device tier (`TieredRows`) keeps the rows of the most frequent ids on the device in front of host or storage rows:
-a step then fetches only its ids off the tier, and a step whose ids all hit moves nothing.
+    device   all of it in accelerator memory: the step gathers its tokens' rows by token id (`TableReader`)
+    host     in host RAM, read by the compiled step itself (`TableReader` over host memory): on an accelerator the
+             stored arrays live in the "pinned_host" memory kind and the step moves each token's row to device
+             memory with a dynamic slice (the pattern of XLA's host offloading; a gather cannot index host memory,
+             jax issue 34041); on the CPU backend, where the device's memory is host RAM, the step gathers. The
+             step's ids never leave the device, so its steps pipeline like Dense's.
+    storage  read from the table's files: on the CPU backend, a mapping of the files aliased as the step's table
+             operand (`TableReader` again: a page fault serves a cold row, the page cache is the RAM tier); on
+             accelerators, whose pinned memory cannot fault pages in, one batched Tensorstore read of the step's
+             distinct ids, sent in one put (`StorageRows`), optionally behind a device tier (`TieredRows`).
+`HostRows` (the host gathers with numpy and puts the rows) is the host placement's fallback on a backend that cannot
+compile the in-program read, and the benchmarks' `mole-host-gather` row.
 
-On accelerators whose JAX device offers the "pinned_host" memory kind, a step's rows are staged through pinned
+On accelerators whose JAX device offers the "pinned_host" memory kind, fetched rows are staged through pinned
 (page-locked) host memory on their way (`Transfers`, `pinned="auto"`): the device then copies them by DMA, while a
-put from ordinary pageable numpy goes through the driver's bounce buffers at a fraction of the bandwidth. The host
-table itself stays a numpy array: rows are gathered on the host (np.take), since an array in pinned host memory
-cannot be indexed inside jit (jax issue 34041) and has no writable numpy view. Every put is asynchronous: nothing
-here waits for a transfer, so a step's computation is dispatched right behind its rows.
+put from ordinary pageable numpy goes through the driver's bounce buffers at a fraction of the bandwidth. Every put
+is asynchronous: nothing here waits for a transfer, so a step's computation is dispatched right behind its rows.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +38,12 @@ from mole_jax import data, schemes
 from mole_jax.config import MoleError
 
 PLACEMENTS = ("device", "host", "storage")
+# How the host placement's rows reach the step: "program" (the compiled step reads host memory itself) or "gather"
+# (the host reads the step's ids, gathers their rows with numpy and puts them: a round trip per step).
+HOST_READS = ("program", "gather")
+# A step with at most this many tokens slices their rows out of host memory one by one, unrolled; a larger one
+# (prefill, scoring) in a loop over the tokens, so that the program does not grow with the prompt.
+UNROLLED_SLICES = 64
 PINNED_MODES = ("auto", "on", "off")
 PINNED_HOST = "pinned_host"  # JAX's memory kind for page-locked host memory
 # "auto" stages a put through pinned memory only within these sizes: below, the second dispatch costs more than the
@@ -136,15 +148,68 @@ class TableRows:
         return rows_Mx1xNxD.reshape(B, T, *rows_Mx1xNxD.shape[2:])
 
 
-class DeviceTable:
-    """The device placement: the whole stored table resident on the device, indexed by token id."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TableReader:
+    """A table that the compiled step reads itself: the stored arrays [V, L, ...] and how the step takes its tokens'
+    rows from them (`rows`, called inside jit). `slices` (host memory on an accelerator): each token's row is a
+    dynamic slice moved to device memory; otherwise a gather, for arrays the device indexes (device memory; on the
+    CPU backend any host array, a mapped file included)."""
 
-    def __init__(self, table, transfers: Transfers):
-        self.scheme = table.scheme
-        self.stored = transfers.put(table.read_all_stored())
+    stored: dict[str, jax.Array]
+    scheme: str = dataclasses.field(metadata={"static": True})
+    slices: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def rows(self, ids_BxT: jax.Array) -> TableRows:
-        return TableRows(self.stored, ids_BxT, self.scheme)
+        if not self.slices:
+            return TableRows(self.stored, ids_BxT, self.scheme)
+        B, T = ids_BxT.shape
+        ids_M = ids_BxT.reshape(-1)
+
+        def row(v, i):
+            return jax.device_put(jax.lax.dynamic_slice_in_dim(v, i, 1), jax.memory.Space.Device)[0]
+
+        if ids_M.size <= UNROLLED_SLICES:
+            picked = {k: jnp.stack([row(v, ids_M[m]) for m in range(ids_M.size)]) for k, v in self.stored.items()}
+        else:
+            picked = jax.lax.map(lambda i: {k: row(v, i) for k, v in self.stored.items()}, ids_M)
+        return TableRows(picked, jnp.arange(B * T, dtype=jnp.int32).reshape(B, T), self.scheme)
+
+
+def device_table(table, transfers: Transfers) -> TableReader:
+    """The device placement: the whole stored table resident in device memory."""
+    return TableReader(transfers.put(table.read_all_stored()), table.scheme)
+
+
+def in_program_slices_compile(device) -> str | None:
+    """None if this backend compiles a step that moves dynamic slices of a pinned_host array to device memory,
+    else why not (one line)."""
+    host = SingleDeviceSharding(device, memory_kind=PINNED_HOST)
+    probe = TableReader({"payload": jax.ShapeDtypeStruct((4, 1, 1, 8), np.float16, sharding=host)}, "float16",
+                        slices=True)
+    try:
+        jax.jit(lambda r, ids: r.rows(ids).for_layer(0)).lower(
+            probe, jax.ShapeDtypeStruct((2, 1), np.int32)).compile()
+    except Exception as e:  # any refusal of the backend: the caller falls back and says why
+        return " ".join(str(e).split())[:200]
+    return None
+
+
+def host_table(table, transfers: Transfers, *, slices: bool | None = None) -> TableReader | None:
+    """The host placement read by the program: the stored table in host memory. slices=None: the backend's choice
+    (a gather on CPU, whose device memory is host RAM; per-row slices out of pinned memory elsewhere). None when
+    the backend offers no host memory kind or cannot compile the slices (the caller falls back to HostRows)."""
+    device = transfers.device
+    if slices is None:
+        slices = device.platform != "cpu"
+    if not slices:
+        return TableReader(transfers.put(table.read_all_stored()), table.scheme)
+    if PINNED_HOST not in memory_kinds(device):
+        return None
+    if in_program_slices_compile(device) is not None:
+        return None
+    stored = jax.device_put(table.read_all_stored(), SingleDeviceSharding(device, memory_kind=PINNED_HOST))
+    return TableReader(stored, table.scheme, slices=True)
 
 
 class _Staging:
@@ -348,13 +413,32 @@ class TieredRows:
         return TieredTableRows(self.tier, self.slot_V_device, fetched, index, ids_device, self.scheme)
 
 
-def row_source(table, placement: str, transfers: Transfers, tier_K: np.ndarray | None = None):
-    """The rows of `table` kept at `placement`: a DeviceTable, HostRows or StorageRows; with `tier_K` (host or
-    storage), the rows of those ids on the device in front of them (TieredRows)."""
-    source = {"device": DeviceTable, "host": HostRows, "storage": StorageRows}[placement](table, transfers)
-    if tier_K is None:
-        return source
+def row_source(table, placement: str, transfers: Transfers, tier_K: np.ndarray | None = None, *,
+               host_read: str = "program"):
+    """The rows of `table` kept at `placement`: a TableReader (device; host read by the program), HostRows (host
+    read by the host) or StorageRows; with `tier_K` (a placement the host fetches for), the rows of those ids on
+    the device in front of them (TieredRows)."""
+    if host_read not in HOST_READS:
+        raise MoleError(f"unknown host read {host_read!r}: use one of {', '.join(HOST_READS)}")
+    fetched = placement == "storage" or (placement == "host" and host_read == "gather")
+    if tier_K is not None and not fetched:
+        raise MoleError("a device tier fronts rows that the host fetches (the storage placement, or host with "
+                        f"host_read='gather'); the {placement} placement's rows are read by the step itself")
     if placement == "device":
-        raise MoleError("a device tier is for a table at the host or storage placement: the device placement "
-                        "already holds every row")
-    return TieredRows(table, transfers, misses=source, tier_K=tier_K)
+        return device_table(table, transfers)
+    if placement == "host" and host_read == "program":
+        reader = host_table(table, transfers)
+        if reader is not None:
+            return reader
+        _warn_no_program_read(transfers.device)
+    source = StorageRows(table, transfers) if placement == "storage" else HostRows(table, transfers)
+    return source if tier_K is None else TieredRows(table, transfers, misses=source, tier_K=tier_K)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_program_read(device) -> None:
+    """Once per device: why the host placement falls back to the host's gather."""
+    why = (f"it offers no {PINNED_HOST!r} memory" if PINNED_HOST not in memory_kinds(device)
+           else in_program_slices_compile(device))
+    warnings.warn(f"the {device.platform} backend (jax {jax.__version__}) cannot run the host placement's in-program "
+                  f"read ({why}); the host reads each step's rows instead (one round trip per step)", stacklevel=3)

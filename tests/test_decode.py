@@ -4,6 +4,7 @@ MoE-offloading baseline against the resident MoE, no retracing, no implicit tran
 import json
 import subprocess
 import sys
+from functools import partial
 
 import chex
 import jax
@@ -51,9 +52,11 @@ def models(mole_run):
         if variant not in cache:
             if variant == "mole-train":
                 cache[variant] = load(mole_run[0])
-            elif variant.startswith("mole-"):  # mole-host-split: the step split in two calls to overlap the fetch
+            elif variant.startswith("mole-"):  # e.g. mole-host-gather-split, mole-device-k1
                 cache[variant] = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
-                                      overlap=variant.endswith("-split"))
+                                      host_read="gather" if "-gather" in variant else "program",
+                                      overlap=variant.endswith("-split"),
+                                      steps_per_dispatch=1 if variant.endswith("-k1") else None)
             else:
                 cfg = prime_config(variant.split("-")[0])
                 cache[variant] = LanguageModel(cfg, init_params(cfg, seed=22), offload_experts=variant == "moe-offload")
@@ -79,7 +82,8 @@ def _assert_cached_logits_match(model, prompts, new, logits, rtol=1e-5):
 
 
 # Must show: greedy generation with the LUT == training form, token for token; cached == full logits -----------
-@pytest.mark.parametrize("placement", ["device", "host", "storage", "host-split", "storage-split"])
+@pytest.mark.parametrize("placement", ["device", "host", "device-k1", "host-k1", "storage", "host-gather",
+                                       "storage-split", "host-gather-split"])
 def test_lut_generation_equals_training_form(models, placement):
     want = models("mole-train").generate(PROMPTS, NEW)
     model = models(f"mole-{placement}")
@@ -136,28 +140,30 @@ def test_inference_form_import_uses_its_table_and_matches_reference(tmp_path):
 
 
 # Must show: no retrace across steps, no implicit transfers ------------------------------------------------------
-STEP_FUNCTIONS = ("_prefill", "_step", "_front")
+STEP_FUNCTIONS = ("_prefill", "_step", "_front", "_chunk")
 
 
 @pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload",
-                                     "mole-host-tier", "mole-storage-tier-split"])
+                                     "mole-host-gather-tier", "mole-storage-tier-split"])
 def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, variant):
     """Generations of many steps, with other prompts of the same bucket and other sampling settings: each jitted
     function is traced at most twice, once for greedy decoding and once for sampling (the settings are device
     values); behind a device tier, twice per power-of-two number of missed rows (a step sends its misses' rows
     padded to one: at most 1, 2 or 4 rows for these 3 sequences, at most 64 for their 33 prompt positions), and
-    split steps trace the step's rest besides the whole step (speculated and redone steps are whole). Under
-    transfer_guard("disallow") every transfer is an explicit device_put / device_get. (The offload baseline's
-    per-layer functions are traced per number of experts moved; only its transfers are checked.)"""
+    split steps trace the step's rest besides the whole step (speculated and redone steps are whole). A chunk of
+    steps is traced once for greedy decoding and once for sampling. Under transfer_guard("disallow") every
+    transfer is an explicit device_put / device_get. (The offload baseline's per-layer functions are traced per
+    number of experts moved; only its transfers are checked.)"""
     chex.clear_trace_counter()
     tier, split = "-tier" in variant, variant.endswith("-split")
-    max_traces = ({"_prefill": 2 * 7, "_step": 2 * 3 * (1 + split), "_front": 2 * split} if tier
+    max_traces = ({"_prefill": 2 * 7, "_step": 2 * 3 * (1 + split), "_front": 2 * split, "_chunk": 0} if tier
                   else dict.fromkeys(STEP_FUNCTIONS, 2))
     for name in STEP_FUNCTIONS:
         monkeypatch.setattr(decoder, name, chex.assert_max_traces(getattr(decoder, name), n=max_traces[name]))
     if variant.startswith("mole"):
         model = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
-                     overlap=split, device_rows=20 if tier else None)
+                     host_read="gather" if "-gather" in variant else "program", overlap=split,
+                     device_rows=20 if tier else None)
     else:
         cfg = prime_config(variant.split("-")[0])
         model = LanguageModel(cfg, init_params(cfg, seed=24), offload_experts=variant == "moe-offload")
@@ -172,10 +178,10 @@ def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, varia
     chex.clear_trace_counter()
 
 
-def test_host_placement_moves_one_staging_buffer_per_step(mole_run):
+def test_host_gather_moves_one_staging_buffer_per_step(mole_run):
     run, lut_dir = mole_run
     table = lut.open_lut(lut_dir)
-    model = load(run, lut=table, lut_placement="host")
+    model = load(run, lut=table, lut_placement="host", host_read="gather")
     B = len(PROMPTS)
     transfers = model.decoder.transfers
 
@@ -253,6 +259,107 @@ def test_eos_stops_each_sequence(models):
         assert g == (f[:f.index(eos)] if eos in f else f)
     steps = list(model.stream(PROMPTS, NEW, eos_id=eos))
     assert [t for t in (s[0] for s in steps) if t is not None] == got[0]
+
+
+# The loop on the device: K steps per dispatch -------------------------------------------------------------------
+def _with_k(mole_run, variant, K):
+    if variant.startswith("mole"):
+        return load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1], steps_per_dispatch=K)
+    cfg = prime_config(variant)
+    return LanguageModel(cfg, init_params(cfg, seed=22), steps_per_dispatch=K)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host"])
+def test_chunked_generation_equals_one_step_per_dispatch(mole_run, variant):
+    """Greedy tokens and their logits, and sampled tokens from the same seed, are the same whether a dispatch runs
+    one step, 5 (not a divisor of the steps) or the default number."""
+    by_k = {K: _with_k(mole_run, variant, K) for K in (1, 5, None)}
+    assert by_k[None].decoder.steps_per_dispatch == decoder.DEFAULT_STEPS_PER_DISPATCH > NEW
+    want, want_logits = by_k[1].generate(PROMPTS, NEW, return_logits=True)
+    sampled = by_k[1].generate(PROMPTS, NEW, temperature=0.9, top_k=7, seed=3)
+    assert len(set(sum(sampled, []))) > NEW and sampled != want
+    for K, model in by_k.items():
+        got, logits = model.generate(PROMPTS, NEW, return_logits=True)
+        assert got == want, K
+        for a, b in zip(logits, want_logits):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+        assert model.generate(PROMPTS, NEW, temperature=0.9, top_k=7, seed=3) == sampled, K
+
+
+def test_eos_inside_a_chunk_stops_there(mole_run):
+    """An eos in the middle of a chunk stops its sequence exactly where a step-by-step decode stops it; once every
+    sequence has stopped, the chunk ends and no further token is yielded."""
+    one, chunked = _with_k(mole_run, "mole-host", 1), _with_k(mole_run, "mole-host", 8)
+    full = one.generate(PROMPTS, NEW)
+    eos = full[1][5]  # a token inside the first chunk of 8 steps
+    want = one.generate(PROMPTS, NEW, eos_id=eos)
+    assert chunked.generate(PROMPTS, NEW, eos_id=eos) == want
+    for f, g in zip(full, want):
+        assert g == (f[:f.index(eos)] if eos in f else f)
+    steps = list(chunked.stream(PROMPTS[1], NEW, eos_id=eos))
+    assert len(steps) == full[1].index(eos) + 1 < NEW and steps[-1] == [None]
+
+
+@pytest.mark.parametrize("variant", ["dense", "mole-device", "mole-host"])
+def test_no_transfer_inside_or_between_chunks(mole_run, variant):
+    """After the prefill and the loop's constants, chunks of steps are dispatched back to back under
+    transfer_guard("disallow_explicit"): no host -> device transfer per step and no device -> host transfer
+    inside a chunk, explicit or not. The tokens read afterwards are generate's."""
+    model = _with_k(mole_run, variant, 4)
+    dec = model.decoder
+    want = model.generate(PROMPTS[:1], 13)
+    state = dec.prefill(np.array([PROMPTS[0] + [PROMPTS[0][0]]]), np.array([len(PROMPTS[0])], np.int32), 32, 0,
+                        None, True)
+    carry, chunks = dec.start(state, 13, None), []
+    with jax.transfer_guard("disallow_explicit"):
+        for _ in range(3):
+            carry = dec.chunk(carry, None, True)
+            chunks.append(carry.ids_KxB)
+    got = [int(jax.device_get(state.ids_Bx1)[0, 0])] + np.concatenate(jax.device_get(chunks))[:, 0].tolist()
+    assert got == want[0]
+
+
+def test_host_read_by_per_row_slices_equals_training_form(mole_run, models, monkeypatch):
+    """The accelerators' in-program read, forced on CPU: the table in pinned_host memory, each token's row a
+    dynamic slice moved to device memory (unrolled for a step, in a loop for a long prefill or for scoring)."""
+    monkeypatch.setattr(row_sources, "host_table", partial(row_sources.host_table, slices=True))
+    model = load(mole_run[0], lut=mole_run[1], lut_placement="host")
+    reader = model.decoder.reader
+    assert reader.slices and not model.decoder.fetching
+    assert {v.sharding.memory_kind for v in reader.stored.values()} == {row_sources.PINNED_HOST}
+    train = models("mole-train")
+    assert model.generate(PROMPTS, NEW) == train.generate(PROMPTS, NEW)
+    long = [list(range(1, 60)), [7, 8]]  # 2 x 64 prompt positions: the prefill slices its rows in a loop
+    assert 2 * 64 > row_sources.UNROLLED_SLICES
+    assert model.generate(long, 5) == train.generate(long, 5)
+    ids = np.array([PROMPTS[2], PROMPTS[2][::-1]])
+    for got, want in zip(model.token_logprobs(ids[:, :-1], ids[:, 1:]), train.token_logprobs(ids[:, :-1], ids[:, 1:])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_backend_without_in_program_read_falls_back_once_with_a_warning(mole_run, models, monkeypatch):
+    """A backend that cannot compile the in-program host read: the host placement gathers on the host instead,
+    says so once (naming the backend and JAX version), and decodes the same tokens."""
+    monkeypatch.setattr(row_sources, "host_table", lambda *a, **k: None)
+    monkeypatch.setattr(row_sources, "in_program_slices_compile", lambda device: "refused by this test")
+    row_sources._warn_no_program_read.cache_clear()
+    with pytest.warns(UserWarning, match=rf"cpu backend \(jax {jax.__version__}\) cannot run the host placement's "
+                                         r"in-program read \(refused by this test\)") as caught:
+        model = load(mole_run[0], lut=mole_run[1], lut_placement="host")
+        load(mole_run[0], lut=mole_run[1], lut_placement="host")
+    assert len(caught) == 1
+    row_sources._warn_no_program_read.cache_clear()
+    assert model.decoder.fetching and isinstance(model.decoder.source, row_sources.HostRows)
+    assert model.generate(PROMPTS, NEW) == models("mole-train").generate(PROMPTS, NEW)
+
+
+def test_bad_steps_per_dispatch_is_one_clear_error(mole_run):
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(MoleError, match="steps per dispatch must be a positive integer") as e:
+            load(mole_run[0], lut=mole_run[1], lut_placement="host", steps_per_dispatch=bad)
+        assert "\n" not in str(e.value)
+    status, out, err = run_cli("generate", str(mole_run[0]), "--prompt-ids", "5,6", "--steps-per-dispatch", "0")
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "steps per dispatch" in err, err
 
 
 # Text ---------------------------------------------------------------------------------------------------------
@@ -449,7 +556,7 @@ def _tier_missing_late_ids(prompt, generated):
 @pytest.mark.parametrize("placement,speculate,overlap", [("host", True, True), ("host", False, False),
                                                          ("storage", True, False), ("storage", False, True)])
 def test_device_tier_generation_equals_other_placements(mole_run, models, placement, speculate, overlap):
-    """Greedy tokens with a tier that misses some generated ids equal the host placement's (batch 1 and batched),
+    """Greedy tokens with a tier that misses some generated ids equal the untiered placement's (batch 1 and batched),
     the logits agree, and the tier counts its hits, the rows it fetched and the steps it redid; with speculation
     or not, each with split steps (the default) or whole ones."""
     run, lut_dir = mole_run
@@ -457,7 +564,7 @@ def test_device_tier_generation_equals_other_placements(mole_run, models, placem
     want_one, want_logits = plain.generate(PROMPTS[2], NEW, return_logits=True)
     counts, K = _tier_missing_late_ids(PROMPTS[2], want_one)
     model = load(run, lut=lut_dir, lut_placement=placement, device_rows=K, token_counts=counts, speculate=speculate,
-                 overlap=overlap)
+                 overlap=overlap, host_read="gather")
     dec = model.decoder
     assert dec.split == overlap
     np.testing.assert_array_equal(dec.source.ids_K, np.flatnonzero(counts))
@@ -490,7 +597,8 @@ def test_speculation_stops_when_it_keeps_failing(mole_run, models, monkeypatch):
     redone = {}
     for min_success in (0.0, decoder.SPECULATE_MIN_SUCCESS):
         monkeypatch.setattr(decoder, "SPECULATE_MIN_SUCCESS", min_success)
-        model = load(run, lut=lut_dir, lut_placement="host", device_rows=V - 1, token_counts=counts)
+        model = load(run, lut=lut_dir, lut_placement="host", host_read="gather", device_rows=V - 1,
+                     token_counts=counts)
         assert model.generate(PROMPTS[0], 40) == want
         redone[min_success] = model.decoder.redone
         assert 0 < model.decoder.speculation_success < 1
@@ -536,7 +644,8 @@ def test_token_counts_and_tier_order(mole_run, tmp_path):
                     (dict(device_rows=2, device_tier_bytes=10**6), "not both"),
                     (dict(device_tier_bytes=10), "at least one row"),
                     (dict(device_rows=4, token_counts=np.ones(5)), r"token counts have shape \(5,\)"),
-                    (dict(device_rows=4, lut_placement="device"), "host or storage placement")]:
+                    (dict(device_rows=4, lut_placement="device"), "a device tier fronts rows that the host fetches"),
+                    (dict(device_rows=4), "host placement's rows are read by the step itself")]:
         with pytest.raises(MoleError, match=msg) as e:
             load(run, lut=lut_dir, **{"lut_placement": "host", **kw})
         assert "\n" not in str(e.value)
