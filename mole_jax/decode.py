@@ -102,13 +102,14 @@ class LanguageModel:
 
     table: MoLE's lookup table (a `lut.LookupTable`, or any object with its interface) for the inference form,
     kept at `placement`; None runs the model as trained. offload_experts: MoE only, the offloading baseline.
-    host_read, steps_per_dispatch, overlap, tier_K (the ids of a device tier) and speculate: see decoder.Decoder.
+    host_read, storage_read, steps_per_dispatch, overlap, tier_K (the ids of a device tier) and speculate: see
+    decoder.Decoder.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
                  offload_experts: bool = False, overlap: bool = True, run_dir: Path | None = None,
                  tier_K: np.ndarray | None = None, speculate: bool = True, host_read: str = "program",
-                 steps_per_dispatch: int | None = None):
+                 storage_read: str = "auto", steps_per_dispatch: int | None = None):
         if placement not in PLACEMENTS:
             raise MoleError(f"unknown LUT placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if table is not None and cfg.kind != "mole":
@@ -125,7 +126,8 @@ class LanguageModel:
             self.decoder = OffloadDecoder(cfg, params)
         else:
             self.decoder = Decoder(cfg, params, table=table, placement=placement, overlap=overlap, tier_K=tier_K,
-                                   speculate=speculate, host_read=host_read, steps_per_dispatch=steps_per_dispatch)
+                                   speculate=speculate, host_read=host_read, storage_read=storage_read,
+                                   steps_per_dispatch=steps_per_dispatch)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         self._logits = jax.jit(partial(_logits, graphdef))
         self._token_logprobs = jax.jit(partial(_token_logprobs, graphdef))
@@ -343,7 +345,7 @@ def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig) -> str:
 
 def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_experts: bool = False,
          overlap: bool = True, device_rows: int | None = None, device_tier_bytes: int | None = None,
-         token_counts=None, speculate: bool = True, host_read: str = "program",
+         token_counts=None, speculate: bool = True, host_read: str = "program", storage_read: str = "auto",
          steps_per_dispatch: int | None = None) -> LanguageModel:
     """Load a checkpoint (a run directory = its latest step, a checkpoints directory, or a step directory).
 
@@ -356,6 +358,8 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     offload_experts: MoE only: keep the routed experts in host memory (the paper's offloading baseline).
     host_read: the host placement's reads: "program" (the compiled step reads host memory; default) or "gather"
         (the host gathers each step's rows and puts them).
+    storage_read: the storage placement's reads: "auto" (default: the files mapped on the CPU backend, batched
+        Tensorstore reads elsewhere), "mapped" or "batched".
     steps_per_dispatch: decode steps per dispatch when the program reads every row itself (see decoder.Decoder).
     overlap: a table the host fetches for: overlap the row fetch with block 0 (default; see decoder.Decoder).
     device_rows / device_tier_bytes: a table the host fetches for: keep the rows of this many of the most frequent
@@ -368,7 +372,8 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     ref = checkpoint.locate(path)
     cfg = ModelConfig.from_dict(meta["model_config"])
     kw = dict(placement=lut_placement, offload_experts=offload_experts, overlap=overlap, run_dir=ref.run_dir,
-              speculate=speculate, host_read=host_read, steps_per_dispatch=steps_per_dispatch)
+              speculate=speculate, host_read=host_read, storage_read=storage_read,
+              steps_per_dispatch=steps_per_dispatch)
     tier = dict(device_rows=device_rows, device_tier_bytes=device_tier_bytes, token_counts=token_counts)
     if (device_rows is not None or device_tier_bytes is not None) and (cfg.kind != "mole" or lut is None and
                                                                         meta.get("has_experts", True)):

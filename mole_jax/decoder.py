@@ -176,7 +176,9 @@ class Decoder:
 
     table: MoLE's lookup table (inference form) or None (Dense, MoE, MoLE training form: everything in-model).
     placement: where the table lives (row_sources.PLACEMENTS); host_read: how the host placement's rows reach the
-        step (row_sources.HOST_READS: "program", the default, or "gather", the host's round trip).
+        step (row_sources.HOST_READS: "program", the default, or "gather", the host's round trip); storage_read:
+        the storage placement's (row_sources.STORAGE_READS: "auto", the default, maps the files on the CPU backend
+        and reads batches through Tensorstore elsewhere).
     steps_per_dispatch: K, the steps one dispatch runs when the program reads every row itself (default
         DEFAULT_STEPS_PER_DISPATCH); a table the host fetches for runs one step per dispatch whatever K is.
     overlap: for a table the host fetches for, split each step in two jitted calls so that the row fetch runs
@@ -187,8 +189,8 @@ class Decoder:
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
-                 host_read: str = "program", steps_per_dispatch: int | None = None, overlap: bool = True,
-                 tier_K: np.ndarray | None = None, speculate: bool = True):
+                 host_read: str = "program", storage_read: str = "auto", steps_per_dispatch: int | None = None,
+                 overlap: bool = True, tier_K: np.ndarray | None = None, speculate: bool = True):
         self.config, self.table, self.placement = cfg, table, placement
         self.steps_per_dispatch = check_steps_per_dispatch(steps_per_dispatch)
         self.transfers = Transfers()
@@ -196,7 +198,7 @@ class Decoder:
         params = per_expert_buffers(cfg, params)
         self.params = self.transfers.put(params) if _on_host(params) else params
         source = None if table is None else row_source(table, placement, self.transfers, tier_K,
-                                                         host_read=host_read)
+                                                         host_read=host_read, storage_read=storage_read)
         self.reader = source if isinstance(source, TableReader) else None  # rows the program reads itself
         self.source = None if self.reader is not None else source  # rows the host fetches for each step
         self.fetching = self.source is not None

@@ -41,6 +41,10 @@ PLACEMENTS = ("device", "host", "storage")
 # How the host placement's rows reach the step: "program" (the compiled step reads host memory itself) or "gather"
 # (the host reads the step's ids, gathers their rows with numpy and puts them: a round trip per step).
 HOST_READS = ("program", "gather")
+# How the storage placement's rows reach the step: "mapped" (CPU backend, a local table: the files' mapping aliased
+# as the step's table operand), "batched" (one Tensorstore read of the step's distinct ids, put by the host), or
+# "auto": mapped where it can be, else batched.
+STORAGE_READS = ("auto", "mapped", "batched")
 # A step with at most this many tokens slices their rows out of host memory one by one, unrolled; a larger one
 # (prefill, scoring) in a loop over the tokens, so that the program does not grow with the prompt.
 UNROLLED_SLICES = 64
@@ -413,13 +417,41 @@ class TieredRows:
         return TieredTableRows(self.tier, self.slot_V_device, fetched, index, ids_device, self.scheme)
 
 
+def mapped_table(table, device, *, verify: bool = True) -> TableReader:
+    """The storage placement on the CPU backend: the table's files mapped (lut.LookupTable.mapped_stored) and
+    aliased, not copied, as the step's table operand: a row is read from the page cache, or from the disk by a page
+    fault, when a step gathers it."""
+    if device.platform != "cpu":
+        raise MoleError(f"a mapped table is read by the CPU backend only: the {device.platform} device cannot fault "
+                        "pages of a file in (use storage_read='batched')")
+    return TableReader(jax.device_put(table.mapped_stored(verify=verify), SingleDeviceSharding(device)), table.scheme)
+
+
+def storage_read_for(table, device, storage_read: str) -> str:
+    """"mapped" or "batched" for a table at the storage placement: `storage_read` itself, or for "auto" mapped on
+    the CPU backend when the table can be mapped (a local table), else batched."""
+    if storage_read not in STORAGE_READS:
+        raise MoleError(f"unknown storage read {storage_read!r}: use one of {', '.join(STORAGE_READS)}")
+    if storage_read != "auto":
+        return storage_read
+    local = isinstance(getattr(table, "path", None), Path)  # lut.describe: a Path for a local table, else a URL
+    return "mapped" if device.platform == "cpu" and local else "batched"
+
+
 def row_source(table, placement: str, transfers: Transfers, tier_K: np.ndarray | None = None, *,
-               host_read: str = "program"):
-    """The rows of `table` kept at `placement`: a TableReader (device; host read by the program), HostRows (host
-    read by the host) or StorageRows; with `tier_K` (a placement the host fetches for), the rows of those ids on
-    the device in front of them (TieredRows)."""
+               host_read: str = "program", storage_read: str = "auto"):
+    """The rows of `table` kept at `placement`: a TableReader (device; host read by the program; storage mapped),
+    HostRows (host read by the host) or StorageRows (storage read in batches); with `tier_K` (a placement the host
+    fetches for), the rows of those ids on the device in front of them (TieredRows)."""
     if host_read not in HOST_READS:
         raise MoleError(f"unknown host read {host_read!r}: use one of {', '.join(HOST_READS)}")
+    if placement == "storage":
+        storage_read = "batched" if tier_K is not None and storage_read == "auto" else storage_read
+        if storage_read_for(table, transfers.device, storage_read) == "mapped":
+            if tier_K is not None:
+                raise MoleError("a device tier fronts rows that the host fetches; a mapped table's rows are read by "
+                                "the step itself (use storage_read='batched' for a tier)")
+            return mapped_table(table, transfers.device)
     fetched = placement == "storage" or (placement == "host" and host_read == "gather")
     if tier_K is not None and not fetched:
         raise MoleError("a device tier fronts rows that the host fetches (the storage placement, or host with "

@@ -55,6 +55,7 @@ def models(mole_run):
             elif variant.startswith("mole-"):  # e.g. mole-host-gather-split, mole-device-k1
                 cache[variant] = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
                                       host_read="gather" if "-gather" in variant else "program",
+                                      storage_read="batched" if "-batched" in variant else "auto",
                                       overlap=variant.endswith("-split"),
                                       steps_per_dispatch=1 if variant.endswith("-k1") else None)
             else:
@@ -82,8 +83,9 @@ def _assert_cached_logits_match(model, prompts, new, logits, rtol=1e-5):
 
 
 # Must show: greedy generation with the LUT == training form, token for token; cached == full logits -----------
-@pytest.mark.parametrize("placement", ["device", "host", "device-k1", "host-k1", "storage", "host-gather",
-                                       "storage-split", "host-gather-split"])
+@pytest.mark.parametrize("placement", ["device", "host", "device-k1", "host-k1", "storage", "storage-k1",
+                                       "host-gather", "storage-batched", "storage-batched-split",
+                                       "host-gather-split"])
 def test_lut_generation_equals_training_form(models, placement):
     want = models("mole-train").generate(PROMPTS, NEW)
     model = models(f"mole-{placement}")
@@ -101,7 +103,7 @@ def test_cached_logits_equal_full_sequence(models, kind):
     _assert_cached_logits_match(model, PROMPTS, new, logits)
 
 
-@pytest.mark.parametrize("kind", ["dense", "mole-storage-split", "moe-offload"])
+@pytest.mark.parametrize("kind", ["dense", "mole-storage-batched-split", "moe-offload"])
 def test_batched_prompts_equal_each_alone(models, kind):
     model = models(kind)
     batched = model.generate(PROMPTS, NEW)
@@ -143,8 +145,8 @@ def test_inference_form_import_uses_its_table_and_matches_reference(tmp_path):
 STEP_FUNCTIONS = ("_prefill", "_step", "_front", "_chunk")
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage-split", "moe-offload",
-                                     "mole-host-gather-tier", "mole-storage-tier-split"])
+@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage", "moe-offload",
+                                     "mole-storage-batched-split", "mole-host-gather-tier", "mole-storage-tier-split"])
 def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, variant):
     """Generations of many steps, with other prompts of the same bucket and other sampling settings: each jitted
     function is traced at most twice, once for greedy decoding and once for sampling (the settings are device
@@ -162,7 +164,8 @@ def test_step_traced_once_and_no_implicit_transfers(mole_run, monkeypatch, varia
         monkeypatch.setattr(decoder, name, chex.assert_max_traces(getattr(decoder, name), n=max_traces[name]))
     if variant.startswith("mole"):
         model = load(mole_run[0], lut=mole_run[1], lut_placement=variant.split("-")[1],
-                     host_read="gather" if "-gather" in variant else "program", overlap=split,
+                     host_read="gather" if "-gather" in variant else "program",
+                     storage_read="batched" if "-batched" in variant else "auto", overlap=split,
                      device_rows=20 if tier else None)
     else:
         cfg = prime_config(variant.split("-")[0])
@@ -269,7 +272,7 @@ def _with_k(mole_run, variant, K):
     return LanguageModel(cfg, init_params(cfg, seed=22), steps_per_dispatch=K)
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host"])
+@pytest.mark.parametrize("variant", ["dense", "moe", "mole-device", "mole-host", "mole-storage"])
 def test_chunked_generation_equals_one_step_per_dispatch(mole_run, variant):
     """Greedy tokens and their logits, and sampled tokens from the same seed, are the same whether a dispatch runs
     one step, 5 (not a divisor of the steps) or the default number."""
@@ -300,7 +303,7 @@ def test_eos_inside_a_chunk_stops_there(mole_run):
     assert len(steps) == full[1].index(eos) + 1 < NEW and steps[-1] == [None]
 
 
-@pytest.mark.parametrize("variant", ["dense", "mole-device", "mole-host"])
+@pytest.mark.parametrize("variant", ["dense", "mole-device", "mole-host", "mole-storage"])
 def test_no_transfer_inside_or_between_chunks(mole_run, variant):
     """After the prefill and the loop's constants, chunks of steps are dispatched back to back under
     transfer_guard("disallow_explicit"): no host -> device transfer per step and no device -> host transfer
@@ -351,6 +354,42 @@ def test_backend_without_in_program_read_falls_back_once_with_a_warning(mole_run
     row_sources._warn_no_program_read.cache_clear()
     assert model.decoder.fetching and isinstance(model.decoder.source, row_sources.HostRows)
     assert model.generate(PROMPTS, NEW) == models("mole-train").generate(PROMPTS, NEW)
+
+
+def test_mapped_storage_aliases_the_files(mole_run, models):
+    """The storage placement on CPU: the step's table operand is the files' mapping itself (its buffer is the
+    mapped address: nothing copied), no row is put by the host, and the tokens are the training form's."""
+    model = load(mole_run[0], lut=mole_run[1], lut_placement="storage")
+    dec = model.decoder
+    assert not dec.fetching and dec.reader is not None and not dec.reader.slices
+    table = lut.open_lut(mole_run[1])
+    for name, arr in dec.reader.stored.items():
+        assert arr.unsafe_buffer_pointer() % 64 == 0
+        np.testing.assert_array_equal(np.asarray(arr), table.read_all_stored()[name])
+    mapped = table.mapped_stored(verify=False)["payload"]
+    aliased = jax.device_put(mapped)
+    assert aliased.unsafe_buffer_pointer() == mapped.ctypes.data
+    sent = model.h2d_bytes
+    assert model.generate(PROMPTS, NEW) == models("mole-train").generate(PROMPTS, NEW)
+    assert dec.transfers.bytes_sent - sent < 1024  # the prompts and the loop's constants, no rows
+
+
+def test_mapping_a_table_that_is_not_local_is_one_clear_error(mole_run, tmp_path):
+    """A table on a kvstore that cannot be mapped (memory://), asked to be mapped: one line naming it."""
+    import tensorstore as ts
+    from mole_jax.lut_writer import write_table
+
+    cfg = prime_config("mole")
+    rows = np.random.default_rng(0).standard_normal((cfg.vocab_size, cfg.num_layers, cfg.num_experts,
+                                                     cfg.d_model)).astype(np.float32)
+    write_table("memory://bench/t/", cfg, "float16", lambda a, b: rows[a:b], source={"test": "memory"})
+    table = lut.open_lut("memory://bench/t/")
+    assert row_sources.storage_read_for(table, jax.devices()[0], "auto") == "batched"
+    with pytest.raises(MoleError, match="cannot be memory-mapped") as e:
+        LanguageModel(cfg, init_params(cfg, with_experts=False), table=table, placement="storage",
+                      storage_read="mapped")
+    assert "\n" not in str(e.value)
+    del ts
 
 
 def test_bad_steps_per_dispatch_is_one_clear_error(mole_run):
