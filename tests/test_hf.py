@@ -1,10 +1,15 @@
 """Import of the authors' checkpoints (fixtures written here under the official names), export, and bad input."""
 
 import json
+import os
+import pickle
+import pickletools
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -108,22 +113,53 @@ def test_pytorch_bin_through_weights_only_loader(tmp_path):
     np.testing.assert_allclose(load(tmp_path / "run").logits(IDS), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-def test_pickle_with_code_is_refused(tmp_path):
-    torch = pytest.importorskip("torch")
-    cfg = prime_config("dense")
-    write_hf_checkpoint(tmp_path / "st", cfg)
+def _malicious_bin(path, marker, layout: str) -> bytes:
+    """A pytorch_model.bin whose unpickling runs os.system (touching `marker`), built without torch: the pickle a
+    `__reduce__` returning (os.system, ...) gives (GLOBAL posix.system, REDUCE), either raw (torch's legacy
+    format) or as data.pkl in a zip laid out as torch.save writes it. Returns the pickle."""
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(str(marker))}",)
+
+    evil = pickle.dumps({"model.embed_tokens.weight": Payload()}, protocol=2)
+    ops = {(op.name, arg) for op, arg, _ in pickletools.genops(evil)}
+    assert ("GLOBAL", f"{os.system.__module__} system") in ops and ("REDUCE", None) in ops
+    if layout == "raw":
+        path.write_bytes(evil)
+    else:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("archive/data.pkl", evil)
+            z.writestr("archive/byteorder", "little")
+            z.writestr("archive/version", "3\n")
+    return evil
+
+
+@pytest.mark.parametrize("layout", ["zip", "raw"])
+def test_pickle_with_code_is_refused(tmp_path, layout):
+    """No torch needed: the import refuses the file (with torch, its weights-only unpickler rejects the GLOBAL;
+    without, nothing reads a .bin at all), in one line from the command, and the payload never runs."""
+    try:
+        import torch  # noqa: F401
+        refusal = "refusing to load"
+    except ImportError:
+        refusal = "reading it safely needs torch"
+    marker = tmp_path / "payload-ran"
     src = tmp_path / "evil"
-    src.mkdir()
-    (src / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
-    torch.save({"x": torch.zeros(1), "payload": _Evil()}, src / "pytorch_model.bin")
-    with pytest.raises(MoleError, match="refusing"):
+    write_hf_checkpoint(src, prime_config("dense"))
+    (src / "model.safetensors").unlink()
+    evil = _malicious_bin(src / "pytorch_model.bin", marker, layout)
+    with pytest.raises(MoleError, match=refusal):
         hf.import_hf(src, tmp_path / "run")
-    assert not (tmp_path / "ran").exists()
-
-
-class _Evil:
-    def __reduce__(self):
-        return (open, ("/nonexistent-dir/ran", "w"))
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf", str(src), str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("mole-jax: error: ") and refusal in lines[0] and "pytorch_model.bin" in lines[0]
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    # the file is what it claims to be: plain unpickling runs the payload (which only touches the marker)
+    pickle.loads(evil)
+    assert marker.exists()
 
 
 # Bad input ----------------------------------------------------------------------------------------------------
