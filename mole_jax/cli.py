@@ -126,6 +126,20 @@ def _cmd_lut_verify(args):
     print(f"{args.lut_dir}: {r['shards']} shards present, {sums}{rows}: ok")
 
 
+def _cmd_lut_upgrade(args):
+    from mole_jax.lut_writer import upgrade_table
+
+    r = upgrade_table(args.lut_dir, progress=not args.no_progress)
+    if r["status"] == "current":
+        print(f"{r['location']} is already format version 3: nothing to do")
+        return
+    rows = (f", {r['shard_rows']} rows each" + (f" (was {r['from_shard_rows']})"
+                                               if r["shard_rows"] != r["from_shard_rows"] else ""))
+    done = "upgraded" if r["status"] == "upgraded" else "finished upgrading"
+    print(f"{done} {r['location']} to format version 3: {r['num_shards']} shards{rows}, every row checked, "
+          f"fingerprint {r['fingerprint'][:16]}")
+
+
 def _add_lut(sub):
 
     p = sub.add_parser("convert", help="MoLE re-parameterisation: a training-form checkpoint -> lookup table")
@@ -143,7 +157,7 @@ def _add_lut(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
-    lut_p = sub.add_parser("lut", help="inspect and verify lookup tables")
+    lut_p = sub.add_parser("lut", help="inspect, verify and upgrade lookup tables")
     lut_sub = lut_p.add_subparsers(dest="lut_command", required=True, parser_class=_Parser)
     p = lut_sub.add_parser("info", help="shape, scheme, bytes, row bytes, fingerprint, complete or not")
     p.add_argument("lut_dir")
@@ -159,6 +173,11 @@ def _add_lut(sub):
     p.add_argument("--seed", type=int, default=None, help="of the random rows (default: a fresh one, printed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_lut_verify)
+    p = lut_sub.add_parser("upgrade", help="rewrite a table of format version 2 as version 3 in place (resumable: "
+                                           "rerun after an interruption)")
+    p.add_argument("lut_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_lut_upgrade)
 
 
 def _cmd_bench_convert(args):
@@ -193,11 +212,16 @@ def _parse_prompt_ids(text: str) -> list[int]:
 def _cmd_generate(args):
     from mole_jax.decode import load
 
+    from mole_jax.decoder import check_steps_per_dispatch
+
     if (args.prompt is None) == (args.prompt_ids is None):
         raise MoleError("give exactly one of --prompt TEXT and --prompt-ids IDS")
+    check_steps_per_dispatch(args.steps_per_dispatch)
     tier_bytes = None if args.device_tier_mb is None else int(args.device_tier_mb * 2**20)
     model = load(args.ckpt, lut=args.lut, lut_placement=args.placement, offload_experts=args.offload_experts,
-                 device_rows=args.device_rows, device_tier_bytes=tier_bytes, token_counts=args.token_counts)
+                 device_rows=args.device_rows, device_tier_bytes=tier_bytes, token_counts=args.token_counts,
+                 host_read=args.host_read, storage_read=args.storage_read,
+                 steps_per_dispatch=args.steps_per_dispatch)
     as_text = args.prompt is not None
     ids = model.encode(args.prompt) if as_text else _parse_prompt_ids(args.prompt_ids)
     eos = args.eos_id if args.eos_id is not None else (model.eos_id if as_text else None)
@@ -241,11 +265,21 @@ def _add_generate(sub):
                                                "inference-form checkpoint uses RUN_DIR/lut by default")
     p.add_argument("--placement", default="host", choices=["device", "host", "storage"],
                    help="where the LUT lives while decoding (default host)")
+    p.add_argument("--host-read", default="program", choices=["program", "gather"],
+                   help="host LUT: the compiled step reads host memory itself (program, default), or the host "
+                        "gathers each step's rows and sends them (gather)")
+    p.add_argument("--storage-read", default="auto", choices=["auto", "mapped", "batched"],
+                   help="storage LUT: the files mapped and read by the step (CPU backend; the default there), or "
+                        "batched Tensorstore reads of each step's rows (the default on accelerators)")
+    p.add_argument("--steps-per-dispatch", type=int, default=None,
+                   help="decode steps per dispatch when the program reads every row itself (default: "
+                        "mole_jax.decoder.DEFAULT_STEPS_PER_DISPATCH)")
     p.add_argument("--offload-experts", action="store_true", help="MoE: keep the experts in host memory "
                                                                    "(the paper's offloading baseline)")
     p.add_argument("--device-rows", type=int, default=None,
-                   help="host/storage LUT: keep the rows of this many of the most frequent ids on the device "
-                        "(ordered by RUN_DIR/token_counts.npy, else the lowest ids)")
+                   help="a LUT the host fetches for (storage, or host with --host-read gather): keep the rows of "
+                        "this many of the most frequent ids on the device (ordered by RUN_DIR/token_counts.npy, "
+                        "else the lowest ids)")
     p.add_argument("--device-tier-mb", type=float, default=None, help="the same tier sized in MiB instead of rows")
     p.add_argument("--token-counts", default=None, help="a .npy of token counts [V] to order the device tier by")
     p.add_argument("--prompt", default=None, help="prompt text (the run needs a tokenizer)")
@@ -265,8 +299,8 @@ def _cmd_bench_decode(args):
 
     bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                  link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
-                 dtype=args.dtype, device_rows=args.device_rows, workdir=args.workdir, json_path=args.json,
-                 plot_path=args.plot)
+                 dtype=args.dtype, device_rows=args.device_rows, steps_per_dispatch=args.steps_per_dispatch,
+                 workdir=args.workdir, json_path=args.json, plot_path=args.plot)
 
 
 def _add_bench_decode(bench_sub):
@@ -277,8 +311,10 @@ def _add_bench_decode(bench_sub):
     p.add_argument("--batch-sizes", default=[1, 8, 32], type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--prompt-len", type=int, default=512, help="KV cache filled to this many positions")
     p.add_argument("--link-gbps", type=float, default=16.0, help="host->device link in GB/s for the modeled time")
-    p.add_argument("--steps", type=int, default=50, help="timed decode steps per (model, batch size)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each turn of timed steps")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per (model, batch size)")
+    p.add_argument("--warmup", type=int, default=16, help="untimed steps before each turn of timed steps")
+    p.add_argument("--steps-per-dispatch", type=int, default=16,
+                   help="K of the rows whose program reads every row itself (default 16)")
     p.add_argument("--lut-dtype", default="float16", help="table scheme (the paper stores float16)")
     p.add_argument("--dtype", default=None, help="activations/params dtype (default float32 on CPU, else bfloat16)")
     p.add_argument("--device-rows", type=int, default=None,

@@ -273,7 +273,6 @@ class Decoder:
         between the host and the device."""
         state = carry.state
         total, eos = self._loop_consts
-        self.rows_read += state.ids_Bx1.shape[0] * self.steps_per_dispatch if self.reader is not None else 0
         return self._chunk(greedy=greedy, steps=self.steps_per_dispatch, with_logits=with_logits,
                            params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B,
                            key=state.key, logits_BxV=state.logits_BxV, done_B=carry.done_B, made=carry.made,
@@ -364,6 +363,8 @@ def chunked_loop(decoder: Decoder, state: DecodeState, num_tokens: int, sampler:
         nxt = decoder.chunk(pending, sampler, greedy, with_logits=with_logits, forced_SxB=forced_SxB) \
             if ahead else None
         ids_KxB, now = jax.device_get((pending.ids_KxB, pending.made))
+        if decoder.reader is not None:  # the rows the chunk's steps read
+            decoder.rows_read += ids_KxB.shape[1] * (int(now) - made)
         for k in range(int(now) - made):
             yield ids_KxB[k], (pending.logits_KxBxV[k] if with_logits else None)
         live = int(now) - made == min(K, num_tokens - made)  # a chunk ends early only when every sequence stopped

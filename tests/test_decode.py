@@ -488,14 +488,15 @@ def test_bench_decode_runs(tmp_path):
     from mole_jax.bench.decode import CACHE, DECODE_MODELS
 
     out = bench_decode(preset_size="tiny", batch_sizes=(1,), prompt_len=16, steps=4, warmup=2, chunk=2,
-                       device_rows=64, workdir=tmp_path, json_path=tmp_path / "decode.json")
+                       device_rows=64, steps_per_dispatch=2, workdir=tmp_path, json_path=tmp_path / "decode.json")
     saved = json.loads((tmp_path / "decode.json").read_text())
     assert saved["settings"]["device_rows"] == 64  # --device-rows: the tier rows' tier
     rows = saved["rows"]
     assert rows == out["rows"]
     host = saved["machine"]  # enough to tell two machines' figures apart
     assert host["backend"] == "cpu" and host["host_cpu"] and host["host_cores"] >= 1
-    models = ["dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage", "mole-storage-warm"]
+    models = ["dense", "dense-k1", "moe", "moe-offload", "mole-device", "mole-host", "mole-host-k1",
+              "mole-host-gather", "mole-storage", "mole-storage-warm", "mole-storage-batched", "mole-storage-tier"]
     assert [(r["model"], r["batch_size"]) for r in rows] == [(m, 1) for m in DECODE_MODELS]
     assert set(models) <= set(DECODE_MODELS)
     by = {(r["model"], r["batch_size"]): r for r in rows}
@@ -505,8 +506,12 @@ def test_bench_decode_runs(tmp_path):
     assert by["mole-storage", 1]["cache"] == "cold" and by["mole-storage-warm", 1]["cache"] == "warm"
     assert by["mole-host", 1]["cache"] is None and by["dense", 1]["cache"] is None
     assert by["dense", 1]["h2d_bytes_per_step"] == 0 and by["mole-device", 1]["h2d_bytes_per_step"] == 0
-    assert by["dense-sync", 1]["h2d_bytes_per_step"] == 0 and by["dense-sync", 1]["cache"] is None
-    assert "mole-host / dense-sync ms (the fetch alone)" in out["summary"]
+    k = {m: by[m, 1]["steps_per_dispatch"] for m in models}  # chunked where the program reads every row
+    assert k == {**dict.fromkeys(models, 2), **dict.fromkeys(("dense-k1", "mole-host-k1", "moe-offload",
+                                                              "mole-host-gather", "mole-storage-batched",
+                                                              "mole-storage-tier"), 1)}
+    assert by["mole-host-k1", 1]["dense_steps_per_dispatch"] == 1 and by["mole-host", 1]["dense_steps_per_dispatch"] == 2
+    assert by["mole-storage", 1]["h2d_bytes_per_step"] == by["mole-host", 1]["h2d_bytes_per_step"]
     assert by["moe-offload", 1]["h2d_bytes_per_step"] > 10 * by["mole-host", 1]["h2d_bytes_per_step"] > 0
     assert by["moe-offload", 1]["h2d_bytes_per_step_as_lut_dtype"] == by["moe-offload", 1]["h2d_bytes_per_step"] / 2
     assert abs(by["mole-host", 1]["device_param_bytes"] / by["dense", 1]["device_param_bytes"] - 1) < 0.02
@@ -514,9 +519,9 @@ def test_bench_decode_runs(tmp_path):
     storage = out["storage"]
     assert storage["cold_check"]["dropped_bytes"] > 0
     assert storage["floor"]["rows"] >= 4 and storage["floor"]["pread_rows_per_s"] > 0
-    assert 0 <= by["mole-storage", 1]["reread_fraction"] < 1
+    assert 0 <= by["mole-storage-batched", 1]["reread_fraction"] < 1
     # text, not random ids: a tier of 64 of 512 ids (12.5%) holds most of what held-out text reads
-    assert 0.4 < by["mole-host-tier", 1]["hit_rate"] <= 1 and by["mole-host", 1]["hit_rate"] is None
+    assert 0.4 < by["mole-storage-tier", 1]["hit_rate"] <= 1 and by["mole-host", 1]["hit_rate"] is None
     status, _, err = run_cli("bench", "decode", "--preset-size", "tiny", "--device-rows", "0")
     assert status == 2 and len(err.strip().splitlines()) == 1 and "--device-rows must be a positive" in err
 
@@ -538,21 +543,26 @@ def test_bench_feeds_held_out_text():
     assert len(set(starts_B.tolist())) > 1 and fed.h2d_bytes == model.decoder.h2d_bytes
 
 
-def test_bench_dense_sync_waits_for_tokens():
-    """bench decode's dense-sync row: Dense that dispatches nothing before the host has read the previous step's
-    tokens, and decodes the same tokens as Dense."""
-    from mole_jax.bench.decode import _Synced
+def test_bench_feeds_held_out_text_inside_chunks():
+    """A chunked decode fed text on the device: after each step the next input is the text's token, whatever the
+    step sampled, with one step or three per dispatch alike; other text gives other tokens."""
+    from mole_jax.bench.decode import _text_ids
     from mole_jax.config import get_preset
 
     cfg = get_preset("tiny-dense")
-    model = LanguageModel(cfg, init_params(cfg, seed=0))
-    template = decoder.random_state(cfg, 2, 8, 16, seed=0)
-    synced = _Synced(model.decoder)
-    assert synced.begin(template, None, True).state is template  # no step in flight while the host reads
+    template = decoder.random_state(cfg, 3, 8, 16, seed=0)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # steps donate the cache
-    plain = [ids for ids, _ in decoder.decode_loop(model.decoder, copy(template), 6, None, True)]
-    waited = [ids for ids, _ in decoder.decode_loop(synced, copy(template), 6, None, True)]
-    assert np.array_equal(np.stack(plain), np.stack(waited))
+    text_N = np.arange(100, 160, dtype=np.int32)
+    got = {}
+    for K, seed in ((1, 5), (3, 5), (3, 6)):
+        model = LanguageModel(cfg, init_params(cfg, seed=0), steps_per_dispatch=K)
+        text_SxB = _text_ids(text_N, 7, 3, seed=seed, stacked=True)
+        state = copy(template)._replace(ids_Bx1=text_SxB[0][:, None])
+        got[K, seed] = np.stack([ids for ids, _ in decoder.chunked_loop(model.decoder, state, 7, None, True,
+                                                                        forced_SxB=text_SxB)])
+    assert got[1, 5].shape == (7, 3)
+    np.testing.assert_array_equal(got[1, 5], got[3, 5])
+    assert not np.array_equal(got[3, 5][1:], got[3, 6][1:])
 
 
 def test_row_byte_ranges_hold_the_stored_rows(mole_run):
