@@ -44,7 +44,9 @@ def _run(name: str, workdir: Path, parameters: str = "", **env_changes) -> nbfor
     env = dict(os.environ)
     env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TMPDIR=str(workdir), MPLBACKEND="module://matplotlib_inline.backend_inline", **env_changes)
-    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+    # per cell, and for the kernel to start: generous for a slow 2-core machine (the longest cell, training, takes
+    # under a minute on 2 busy cores); pytest.ini's timeout bounds the whole test
+    client = nbclient.NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if any cell fails
     return nb
@@ -73,7 +75,9 @@ def test_quickstart_runs(tmp_path):
     text = _text(nb)
     losses = re.search(r"training loss ([\d.]+), validation loss ([\d.]+)", text)
     assert losses and float(losses.group(2)) < 5.5  # trained: a uniform guess over 512 ids is 6.24 nats
-    assert re.search(r"greedy tokens shared by both forms: \d+ of 48", text)
+    # the two forms compute the same function (the table's float16 rounding aside): every greedy token the same
+    shared = re.search(r"greedy tokens shared by both forms: (\d+) of (\d+)", text)
+    assert shared and (int(shared.group(1)), int(shared.group(2))) == (48, 48), shared and shared.group(0)
     assert "'ok': True" in text and "most distinctive tokens" in text and "experts disagree most" in text
     assert _images(nb) >= 3
     assert f"run directory: {tmp_path}" in text  # the notebook writes into a temporary directory only
