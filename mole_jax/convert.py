@@ -144,12 +144,14 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     files of about 64 MiB). Both default to the interrupted table's when resuming.
     block: nf4/nf3 quantisation block (schemes.default_block). overwrite: replace a complete table (or an interrupted
     one of other parameters or settings); an interrupted conversion of the same parameters and settings is always
-    resumed. checksum=False (no crc32c per row) only to measure what checksums cost.
+    resumed. checksum=False (no `checksums` array) only to measure what checksums cost.
     devices: the local devices to use (default all). Returns the table's location (Path or URL).
     """
     scheme = schemes.check_scheme(dtype)
     cfg, ref = training_form_config(ckpt)
     layout = schemes.make_layout(scheme, cfg, block)  # a bad scheme or block fails before anything is read
+    if shard_rows is not None:  # so does a shard size whose shards would not fill whole pages
+        lut_writer.check_shard_rows(layout, cfg.vocab_size, shard_rows)
     if batch_rows is not None and shard_rows is not None and (batch_rows <= 0 or shard_rows % batch_rows):
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of shard_rows {shard_rows}")
     devices = list(devices or jax.local_devices())
@@ -343,8 +345,9 @@ def _verify_written(writer: TableWriter, inputs, cfg: ModelConfig, k: int, seed:
 
 def verify_lut(lut_dir, ckpt=None, *, rows: int = VERIFY_ROWS_PER_SHARD, full: bool = False,
                seed: int | None = None, progress: bool = False) -> dict:
-    """Check a complete table shard by shard: every shard file present and every row's checksum (each chunk read),
-    and, given the checkpoint it was built from, `rows` random rows per shard (full=True: every row) recomputed
+    """Check a complete table shard by shard: every shard file present, laid out as the format says (raw rows in
+    row order, of its exact size: what mapping needs) and every row's checksum (each file read whole), and, given
+    the checkpoint it was built from, `rows` random rows per shard (full=True: every row) recomputed
     and compared with the scheme's bound. Returns a report: "ok", "problems" (one line per bad shard, naming it),
     "shards", "rows" recomputed, "max_abs_error", "max_error_over_allowed", "seed", "scheme", "fingerprint".
     MoleError for what is not a complete table, or (given ckpt) not one of this checkpoint's parameters."""

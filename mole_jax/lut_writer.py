@@ -10,10 +10,13 @@ holds `TableLock` on a local table directory, so that a second one started on it
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections import deque
@@ -22,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import tensorstore as ts
+from tqdm.auto import tqdm
 
 from mole_jax import lut, schemes
 from mole_jax.config import ModelConfig, MoleError
@@ -33,9 +37,20 @@ SETTINGS = ("format_version", "model_config", "fingerprint", "scheme", "block", 
 
 
 def default_shard_rows(layout: Layout, V: int) -> int:
-    """A power of two of rows making a shard of about SHARD_TARGET_BYTES, at most the vocabulary."""
+    """A power of two of rows making a shard of about SHARD_TARGET_BYTES, raised to lut.page_rows (each shard's
+    rows fill whole pages in every stored array), at most the vocabulary (one shard)."""
     rows = max(1, SHARD_TARGET_BYTES // layout.row_nbytes)
-    return min(1 << (rows.bit_length() - 1), V)
+    return min(max(1 << (rows.bit_length() - 1), lut.page_rows(layout)), V)
+
+
+def check_shard_rows(layout: Layout, V: int, shard_rows) -> int:
+    """shard_rows if a table of this layout can have it, else a MoleError saying which values it can have."""
+    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows <= 0:
+        raise MoleError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+    problem = lut.shard_rows_problem(layout, V, shard_rows)
+    if problem:
+        raise MoleError(problem)
+    return shard_rows
 
 
 def interrupted_meta(lut_dir) -> dict | None:
@@ -68,6 +83,7 @@ class TableWriter:
         self.shard_rows: int = meta["shard_rows"]
         self.num_shards = -(-self.V // self.shard_rows)
         self.lock: TableLock | None = None
+        self._reader: lut.LookupTable | None = None
 
     @classmethod
     def start(cls, lut_dir, cfg: ModelConfig, scheme: str, fingerprint: str, *, block: int | None = None,
@@ -78,10 +94,11 @@ class TableWriter:
         and compared on resume like the table's own settings. shard_rows=None: an interrupted table's own, else
         default_shard_rows. create=False opens the table that another process prepared (multi-process
         conversion), adopting its shard_rows and producer. lock: hold a TableLock on a local directory until
-        `release()` (one conversion's process 0). checksum=False (no crc32c per row) only to measure its cost."""
+        `release()` (one conversion's process 0). checksum=False (no `checksums` array) only to measure what
+        checksums cost."""
         layout = schemes.make_layout(scheme, cfg, block)
-        if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows <= 0):
-            raise MoleError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+        if shard_rows is not None:
+            check_shard_rows(layout, cfg.vocab_size, shard_rows)
         spec = lut.kvstore_spec(lut_dir)
         where = lut.describe(spec)
         if create:
@@ -113,7 +130,8 @@ class TableWriter:
     @classmethod
     def _reopen(cls, spec, kv, old: dict, new: dict, layout: Layout) -> "TableWriter":
         V = new["model_config"]["vocab_size"]
-        return cls(spec, kv, {**old, "source": new["source"]}, _open_arrays(spec, layout, V, create=False))
+        return cls(spec, kv, {**old, "source": new["source"]},
+                   _open_arrays(spec, layout, V, create=False, checksum=old.get("checksum", True)))
 
     @classmethod
     def _create_or_resume(cls, spec, kv, new: dict, layout: Layout, where, overwrite: bool) -> "TableWriter":
@@ -121,8 +139,10 @@ class TableWriter:
         how = "pass overwrite=True (--overwrite) to"
         if old is not None and old.get("format_version") != lut.FORMAT_VERSION:
             if not overwrite:
+                upgrade = (f" (or upgrade it: `mole-jax lut upgrade {where}`)"
+                           if old.get("format_version") == 2 and old.get("complete") else "")
                 raise MoleError(f"{where} holds a table of format version {old.get('format_version')}; {how} "
-                                "replace it")
+                                f"replace it{upgrade}")
         elif old is not None and old.get("complete"):
             if not overwrite:
                 raise MoleError(f"{where} already holds a complete table; {how} replace it")
@@ -153,42 +173,61 @@ class TableWriter:
         return i * self.shard_rows, min((i + 1) * self.shard_rows, self.V)
 
     def done_shards(self) -> set[int]:
-        return lut.stored_shards(self.kv, self.layout)
+        return lut.stored_shards(self.kv, lut.table_arrays(self.layout, self.meta.get("checksum", True)))
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
         return [i for i in range(self.num_shards) if i not in done]
 
     def write_shard(self, i: int, stored: dict) -> list[ts.Future]:
-        """Start writing shard i (stored arrays of exactly its rows); returns the futures that complete when it
-        is durable. The arrays must not be modified until then."""
+        """Start writing shard i (stored arrays of exactly its rows) and its rows' checksums; returns the futures
+        that complete when it is durable. The arrays must not be modified until then."""
         start, stop = self.shard_range(i)
-        futures = []
-        for name, a in self._arrays.items():
-            value = stored[name]
-            if len(value) != stop - start:
-                raise ValueError(f"shard {i} needs {stop - start} rows, got {len(value)}")
-            futures.append(a[start:stop].write(value).commit)
+        futures, sums = [], []
+        for name, (shape, dt) in self.layout.arrays.items():
+            value = np.ascontiguousarray(stored[name], dtype=dt)  # the bytes written are the bytes checksummed
+            if value.shape != (stop - start, *shape):
+                raise ValueError(f"shard {i} needs {name} of shape {(stop - start, *shape)}, got {value.shape}")
+            sums.append(lut.row_checksums(value))
+            futures.append(self._arrays[name][start:stop].write(value).commit)
+        if lut.CHECKSUMS in self._arrays:
+            futures.append(self._arrays[lut.CHECKSUMS][start:stop].write(np.stack(sums, axis=1)).commit)
         return futures
 
+    def reader(self) -> lut.LookupTable:
+        """The table as written, for reading back once every shard is durable (no cache: every read comes from
+        storage)."""
+        if self._reader is None:
+            self._reader = lut.LookupTable(self.spec, self.meta, cache_bytes=0)
+        return self._reader
+
     def read_stored(self, ids) -> dict[str, np.ndarray]:
-        ids = lut.check_row_ids(ids, self.V)
+        """Rows as stored, each verified against its checksum (the verification before completing)."""
         try:
-            return {name: a[ids].read().result() for name, a in self._arrays.items()}
-        except ValueError as e:
-            raise MoleError(f"reading back rows of {self.location} failed: {lut.error_text(e)}") from None
+            return self.reader().read_stored(ids)
+        except MoleError as e:
+            raise MoleError(f"reading back rows of {self.location} failed: {e}") from None
 
     def mark_complete(self, verification: dict, fingerprint: str | None = None, run: dict | None = None) -> None:
         """Record the verification (and facts about the run) and mark the table complete: the last write."""
-        missing = self.pending_shards()
-        if missing:
-            raise MoleError(f"table {self.location} is missing {len(missing)} shards (first: {missing[0]})")
+        self._check_whole()
         self.meta = {**self.meta, "complete": True, "verification": verification, "last_run": run or {},
                      "fingerprint": fingerprint or self.meta["fingerprint"],
                      "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if not self.meta["fingerprint"]:
             raise ValueError("a table needs a fingerprint before it is complete")
         _write_meta(self.kv, self.meta, self.location)
+
+    def _check_whole(self) -> None:
+        """Every shard written, and every row file laid out as this format says (raw rows in row order, of its
+        exact size: mappable), else a MoleError; the table stays incomplete."""
+        missing = self.pending_shards()
+        if missing:
+            raise MoleError(f"table {self.location} is missing {len(missing)} shards (first: {missing[0]})")
+        line = self.reader().check_structure()
+        if line:
+            raise MoleError(f"table {self.location} is not laid out as format version {lut.FORMAT_VERSION} says "
+                            f"({line}); it stays incomplete")
 
 
 def _difference(old: dict, new: dict) -> str | None:
@@ -210,12 +249,13 @@ def _difference(old: dict, new: dict) -> str | None:
 
 def _open_arrays(spec: ts.KvStore.Spec, layout: Layout, V: int, *, create: bool, shard_rows: int = 0,
                  checksum: bool = True) -> dict:
+    """The table's stored arrays (lut.table_arrays: the rows' and the checksums), created empty or opened."""
     arrays = {}
-    for name, (shape, dt) in layout.arrays.items():
+    for name, (shape, dt) in lut.table_arrays(layout, checksum).items():
         try:
             if create:
                 arrays[name] = ts.open({**lut.array_spec(spec, name),
-                                        "metadata": lut.array_metadata(V, shape, dt, shard_rows, checksum)},
+                                        "metadata": lut.stored_metadata(name, V, shape, dt, shard_rows)},
                                        create=True, delete_existing=True, context=lut.CONTEXT).result()
             else:
                 arrays[name] = ts.open(lut.array_spec(spec, name), open=True, context=lut.CONTEXT).result()
@@ -417,3 +457,219 @@ def _verify_against_source(writer: TableWriter, read_rows: Callable[[int, int], 
             if not np.array_equal(np.asarray(want[name]).view(np.uint8), got[name].view(np.uint8)):
                 raise MoleError(f"verification of {writer.location} failed: row {v} ({name}) differs from its source")
     return spot
+
+
+# Upgrading a table of format version 2 ------------------------------------------------------------------------------
+UPGRADE_SUFFIX = ".v3-upgrade"  # LUT_DIR.v3-upgrade: the new table, written beside the old one
+RETIRED_SUFFIX = ".v2-retired"  # LUT_DIR.v2-retired: the old table once replaced, until it is deleted
+_RENAME_EXCHANGE = 2
+
+
+def upgrade_table(lut_dir, *, progress: bool = False) -> dict:
+    """Rewrite a complete table of format version 2 (a crc32c after every row inside its shards) as version 3
+    (raw rows, the `checksums` array), in place, with bit-identical rows and the same fingerprint and metadata.
+
+    The new table is written beside the old one, in LUT_DIR.v3-upgrade, with the TableWriter (resumable: a rerun
+    writes only the shards missing); each old shard is read through its own checksums, every new shard is checked
+    whole (structure and row checksums) before the new table is marked complete; then the two directories are
+    exchanged (renameat2 RENAME_EXCHANGE, one atomic step; two renames where the filesystem cannot exchange) and
+    the old table, moved to LUT_DIR.v2-retired, is deleted. The old table is deleted only once the complete new
+    one is in its place, and a rerun after a kill at any point finishes what was left. Local directories only.
+    Returns {"status": "upgraded" | "finished" | "current", "location", "shard_rows", "from_shard_rows",
+    "num_shards"}."""
+    spec = lut.kvstore_spec(lut_dir)
+    local = lut.local_dir(spec)
+    if local is None:
+        raise MoleError(f"`lut upgrade` works on tables in local directories and {lut.describe(spec)} is not one: "
+                        "reconvert it (or copy it to a local directory, upgrade it there and copy it back)")
+    target = Path(str(local).rstrip("/") or "/")
+    staging = target.with_name(target.name + UPGRADE_SUFFIX)
+    retired = target.with_name(target.name + RETIRED_SUFFIX)
+    meta = _local_meta(target)
+    if meta is None and not target.exists():
+        staged = _local_meta(staging)
+        if _is_current(staged) and retired.exists():  # killed between the two renames of a swap: finish it
+            os.rename(staging, target)
+            _sync_dir(target.parent)
+            shutil.rmtree(retired)
+            return _report("finished", target, staged)
+        raise MoleError(f"lookup table not found: {target} does not exist")
+    if meta is None:
+        raise MoleError(f"{target} is not a mole-jax lookup table (no {lut.META_KEY})")
+    version = meta.get("format_version")
+    if version == lut.FORMAT_VERSION:
+        return _report("finished" if _clear_leftovers(target, staging, retired, meta) else "current", target, meta)
+    if version != 2:
+        raise MoleError(f"table {target} has format version {version}: `lut upgrade` upgrades tables of version 2 "
+                        f"to {lut.FORMAT_VERSION}; reconvert it")
+    if not meta.get("complete"):
+        raise MoleError(f"table {target} is an incomplete table of format version 2 (an interrupted conversion): "
+                        f"there is nothing to upgrade; reconvert it (`mole-jax convert CKPT {target} --overwrite`)")
+    if retired.exists():
+        raise MoleError(f"{retired} exists, and `lut upgrade` keeps the table it replaces there: move it away, "
+                        "then rerun")
+    held = TableLock(target, target)  # no converter or other upgrade on the old table meanwhile
+    try:
+        new = _write_upgrade(spec, target, staging, meta, progress)
+        _swap(target, staging, retired)
+    finally:
+        held.release()
+    shutil.rmtree(retired)
+    return _report("upgraded", target, new)
+
+
+def _report(status: str, target: Path, meta: dict) -> dict:
+    V = meta["model_config"]["vocab_size"]
+    return {"status": status, "location": target, "shard_rows": meta["shard_rows"],
+            "from_shard_rows": meta.get("upgraded", {}).get("from_shard_rows", meta["shard_rows"]),
+            "num_shards": -(-V // meta["shard_rows"]), "fingerprint": meta["fingerprint"]}
+
+
+def _local_meta(path: Path) -> dict | None:
+    """lut.json of a local directory, None where there is none (or no directory)."""
+    if not (path / lut.META_KEY).is_file():
+        return None
+    return lut.read_meta(lut.open_kvstore(lut.kvstore_spec(path)), path)
+
+
+def _is_current(meta: dict | None) -> bool:
+    return bool(meta and meta.get("format_version") == lut.FORMAT_VERSION and meta.get("complete"))
+
+
+def _clear_leftovers(target: Path, staging: Path, retired: Path, meta: dict) -> bool:
+    """With the upgraded table at target: delete what an interrupted upgrade left of the old one (after an
+    exchange, the old table sits in staging; after the swap, in retired). True if there was something."""
+    found = False
+    staged = _local_meta(staging)
+    if staged is not None and staged.get("format_version") == 2 and staged.get("fingerprint") == meta["fingerprint"]:
+        if retired.exists():
+            shutil.rmtree(retired)
+        os.rename(staging, retired)
+        found = True
+    if retired.exists():
+        shutil.rmtree(retired)
+        found = True
+    return found
+
+
+def _write_upgrade(spec, target: Path, staging: Path, meta: dict, progress: bool) -> dict:
+    """Write (or finish writing) the version 3 copy of the version 2 table at target into staging, verify it
+    whole and mark it complete; returns its lut.json."""
+    staged = _local_meta(staging)
+    if _is_current(staged) and staged["fingerprint"] == meta["fingerprint"]:
+        return staged  # written and complete: only the swap was left
+    cfg, layout = lut.layout_from_meta(meta)
+    V, old_rows = cfg.vocab_size, meta["shard_rows"]
+    shard_rows = old_rows if lut.shard_rows_problem(layout, V, old_rows) is None else default_shard_rows(layout, V)
+    old = _OldTable(spec, target, meta, layout)
+    block = meta["block"] if meta["scheme"] in schemes.NF_BITS else None  # the others have no block option
+    writer = TableWriter.start(staging, cfg, meta["scheme"], meta["fingerprint"], block=block,
+                               shard_rows=shard_rows, source=meta.get("source"), producer=meta.get("producer") or {},
+                               lock=True)
+    try:
+        pipeline = ShardPipeline(writer)
+        for i in tqdm(writer.pending_shards(), desc="upgrade", unit="shard", disable=not progress):
+            start, stop = writer.shard_range(i)
+            pipeline.add(start, old.read(start, stop))
+        pipeline.flush()
+        reader = writer.reader()
+        for i in range(writer.num_shards):  # every new shard whole: structure and every row's checksum
+            line = reader.check_shard(i)
+            if line:
+                raise MoleError(f"the upgraded copy of {target} failed verification ({line}); delete {staging} "
+                                "and rerun")
+        spot = sorted({0, V - 1, *np.random.default_rng(0).integers(0, V, 8).tolist()})
+        new_rows = reader.read_stored(spot)
+        for name, a in old.read_ids(spot).items():  # and bit for bit against the old table, on spot rows
+            if not np.array_equal(a.view(np.uint8), new_rows[name].view(np.uint8)):
+                raise MoleError(f"the upgraded copy of {target} differs from it ({name}); delete {staging} and rerun")
+        writer._check_whole()
+        writer.meta = {**meta, "format_version": lut.FORMAT_VERSION, "shard_rows": shard_rows, "checksum": True,
+                       "complete": True, "upgraded": {"from_format_version": 2, "from_shard_rows": old_rows,
+                                                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+        _write_meta(writer.kv, writer.meta, writer.location)
+    finally:
+        writer.release()
+    return writer.meta
+
+
+class _OldTable:
+    """The stored arrays of a complete version 2 table, read through their own codecs (a crc32c per row)."""
+
+    def __init__(self, spec, where: Path, meta: dict, layout: Layout):
+        self.where, self.layout = where, layout
+        self.shard_rows, self.V = meta["shard_rows"], meta["model_config"]["vocab_size"]
+        arrays = lut.table_arrays(layout, checksum=False)
+        missing = lut.missing_shards(lut.open_kvstore(spec), arrays, -(-self.V // self.shard_rows))
+        if missing:
+            raise MoleError(f"cannot upgrade {where}: shard file {missing[0][1]} is missing ({len(missing)} missing; "
+                            "an interrupted copy?): copy it again, or reconvert it")
+        context = ts.Context({"cache_pool": {"total_bytes_limit": 0}}, lut.CONTEXT)
+        try:
+            self.arrays = {name: ts.open(lut.array_spec(spec, name), open=True, read=True, context=context).result()
+                           for name in layout.arrays}
+        except ValueError as e:
+            raise MoleError(f"cannot upgrade {where}: {lut.error_text(e)}") from None
+
+    def read(self, start: int, stop: int) -> dict:
+        """Rows [start, stop), verified by the old checksums; a failure names the old shard it is in."""
+        try:
+            with ts.Batch() as batch:
+                futures = {name: a[start:stop].read(batch=batch) for name, a in self.arrays.items()}
+            return {name: f.result() for name, f in futures.items()}
+        except ValueError as e:
+            raise MoleError(f"cannot upgrade {self.where}: {self._damage(start, stop, e)}; the table is damaged: "
+                            "restore it from a copy, or reconvert it") from None
+
+    def read_ids(self, ids) -> dict:
+        return {name: a[np.asarray(ids)].read().result() for name, a in self.arrays.items()}
+
+    def _damage(self, start: int, stop: int, e: Exception) -> str:
+        S = self.shard_rows
+        for j in range(start // S, (stop - 1) // S + 1):
+            a, b = j * S, min((j + 1) * S, self.V)
+            for name, (shape, _) in self.layout.arrays.items():
+                try:
+                    self.arrays[name][a:b].read().result()
+                except ValueError as err:
+                    return f"shard {j} ({lut.shard_key(name, j, shape)}, rows {a}..{b - 1}): {lut.error_text(err)}"
+        return lut.error_text(e)
+
+
+def _swap(target: Path, staging: Path, retired: Path) -> None:
+    """Put the complete upgraded table (staging) in place of the old one (target); the old one ends in retired.
+    One atomic exchange where the filesystem supports it, else two renames (a rerun finishes either)."""
+    if _exchange(staging, target):
+        _sync_dir(target.parent)
+        os.rename(staging, retired)  # staging now holds the old table
+    else:
+        os.rename(target, retired)
+        os.rename(staging, target)
+    _sync_dir(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not possible
+    (no such call, or a filesystem without it)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(e, f"cannot exchange {a} and {b}: {os.strerror(e)}")
+
+
+def _sync_dir(path: Path) -> None:
+    """Make renames in a directory durable (fsync of the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

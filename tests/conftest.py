@@ -151,3 +151,15 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# Lookup tables with several shards of a few rows: a shard's rows must fill whole 4096-byte pages in every stored
+# array (format version 3 maps shard file i at row i * shard_rows), so the rows' bytes need powers of two. 2 layers
+# x 32 experts x d 16 (the vocabulary still prime, 97): shards of 16 rows suit every scheme but nf3, 32 rows all
+# (rows of float16 2048 bytes; int8 1024 + 256; nf4 512 + 256; nf3 384 + 128).
+TABLE_SHAPE = dict(num_layers=2, num_experts=32, d_model=16)
+
+
+def table_config(**changes) -> ModelConfig:
+    """A MoLE config whose tables can have shards of 16 rows (32 for nf3), see TABLE_SHAPE."""
+    return prime_config("mole", **{**TABLE_SHAPE, **changes})

@@ -18,14 +18,15 @@ import tensorstore as ts
 from flax import nnx
 
 import reference
-from conftest import prime_config, write_hf_checkpoint, xla_flags
+from conftest import prime_config, table_config, write_hf_checkpoint, xla_flags
 from mole_jax import checkpoint, cli, hf, lut, lut_writer, schemes
 from mole_jax.config import MoleError
 from mole_jax.convert import convert_to_lut, verify_lut
 from mole_jax.model import graphdef_and_shapes, init_params, without_routed_experts
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = prime_config("mole", d_model=24)  # V 97, L 3, N 5, F 37; d = 24 so that nf3 (8 codes per 3 bytes) applies
+CFG = table_config()  # V 97, L 2, N 32, d 16 (nf3 applies), F 37: shards of 16 rows fill whole pages (nf3: 32)
+SHAPE = (CFG.num_layers, CFG.num_experts, CFG.d_model)
 
 
 def _save(path: Path, cfg, params, **meta) -> Path:
@@ -53,14 +54,14 @@ def _files(lut_dir: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("scheme", schemes.SCHEMES)
 def test_table_equals_expert_outputs(run, tmp_path, scheme):
-    out = convert_to_lut(run["ckpt"], tmp_path / "lut", scheme, shard_rows=16, progress=False)
+    out = convert_to_lut(run["ckpt"], tmp_path / "lut", scheme, shard_rows=32, progress=False)
     assert out == tmp_path / "lut"
     table = lut.open_lut(out, expect_fingerprint=lut.fingerprint(run["params"]))
     ref = run["table"]
     scale = np.abs(ref).max()
     ids = np.array([96, 0, 5, 5, 41, 17, 3, 95, 5])  # any order, duplicates
     rows = table.rows(ids)
-    assert rows.shape == (9, 3, 5, 24) and rows.dtype == np.float32 and np.all(np.isfinite(rows))
+    assert rows.shape == (9, *SHAPE) and rows.dtype == np.float32 and np.all(np.isfinite(rows))
     err = np.abs(rows - ref[ids])
     if scheme == "float32":
         assert err.max() <= 1e-6 * scale
@@ -77,7 +78,7 @@ def test_inference_form_with_lut_rows_equals_training_form(run, tmp_path):
     table = lut.open_lut(convert_to_lut(run["ckpt"], tmp_path / "lut", "float32", progress=False))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (3, 11)))
     train = nnx.merge(graphdef_and_shapes(CFG)[0], run["params"])(ids).logits_BxTxV
-    rows = table.rows(np.asarray(ids).reshape(-1)).reshape(3, 11, 3, 5, 24)
+    rows = table.rows(np.asarray(ids).reshape(-1)).reshape(3, 11, *SHAPE)
     graphdef, _ = graphdef_and_shapes(CFG, with_experts=False)
     infer = nnx.merge(graphdef, without_routed_experts(run["params"]))(ids, lut_BxTxLxNxD=jnp.asarray(rows))
     train, infer = np.asarray(train), np.asarray(infer.logits_BxTxV)
@@ -105,7 +106,7 @@ def test_one_device_equals_four_devices(run, tmp_path, scheme):
     four = convert_to_lut(run["ckpt"], tmp_path / "four", scheme, **kw)
     assert lut.read_info(four)["last_run"]["devices_per_process"] == 4
     a, b = _files(one), _files(four)
-    assert len(a) == 2 * (1 + 7) if scheme == "nf4" else len(a) == 1 + 7
+    assert len(a) == (3 if scheme == "nf4" else 2) * (1 + 7)  # zarr.json and 7 shards per array, checksums too
     assert a == b
 
 
@@ -131,7 +132,7 @@ def die(self, *args, **kwargs):
 lut_writer.TableWriter.write_shard = write_and_maybe_die
 if when == "complete":
     lut_writer.TableWriter.mark_complete = die
-convert_to_lut(ckpt, out, "nf4", shard_rows=8, batch_rows=2, progress=False)
+convert_to_lut(ckpt, out, "nf4", shard_rows=16, batch_rows=2, progress=False)
 """
 
 
@@ -143,20 +144,20 @@ def _killed_run(ckpt, out, when) -> list[int]:
 
 
 def test_kill_and_resume_is_bit_identical(run, tmp_path, monkeypatch):
-    kw = dict(shard_rows=8, batch_rows=2, progress=False)
+    kw = dict(shard_rows=16, batch_rows=2, progress=False)
     reference_dir = convert_to_lut(run["ckpt"], tmp_path / "uninterrupted", "nf4", **kw)
     out = tmp_path / "lut"
 
-    first = _killed_run(run["ckpt"], out, when="5")  # killed while writing: 13 shards of 8 rows
-    assert first[-1] == 5
+    first = _killed_run(run["ckpt"], out, when="4")  # killed while writing: 7 shards of 16 rows
+    assert first[-1] == 4
     with pytest.raises(MoleError, match="incomplete"):
         lut.open_lut(out)
     done = lut.read_info(out)["shards_written"]
-    assert 0 < done < 13
+    assert 0 < done < 7
 
     second = _killed_run(run["ckpt"], out, when="complete")  # the same command: only the missing shards
-    assert len(second) == 13 - done and sorted(second) == second and second[-1] == 12
-    assert lut.read_info(out)["shards_written"] == 13
+    assert len(second) == 7 - done and sorted(second) == second and second[-1] == 6
+    assert lut.read_info(out)["shards_written"] == 7
     with pytest.raises(MoleError, match="incomplete"):
         lut.open_lut(out)
 
@@ -231,6 +232,8 @@ def test_verify_detects_a_corrupted_row(run, tmp_path):
     assert report["ok"] and report["max_error_over_allowed"] <= 1.0 and report["rows"] >= 2
     payload = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "payload")}}).result()
     payload[50].write(payload[50].read().result() * np.float16(1.01)).result()  # 1% off: beyond fp16 rounding
+    sums = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "checksums")}}).result()
+    sums[50, 0].write(lut.row_checksums(payload[50:51].read().result())[0]).result()  # stored as if it were right
     from mole_jax.convert import _spot_ids
 
     seed = next(s for s in range(10_000) if 50 in _spot_ids(97, 16, s))  # random rows that include row 50
@@ -331,7 +334,7 @@ def test_cli_convert_info_verify(run, tmp_path, capsys):
     assert "nf4" in capsys.readouterr().out
     assert cli.main(["lut", "info", str(out)]) == 0
     text = capsys.readouterr().out
-    for field in ("[97, 3, 5, 24]", "nf4 (block 24)", "row bytes", "4 of 4 written", lut.fingerprint(run["params"]),
+    for field in ("[97, 2, 32, 16]", "nf4 (block 16)", "row bytes", "4 of 4 written", lut.fingerprint(run["params"]),
                   "complete     yes"):
         assert field in text, (field, text)
     assert lut.read_info(out)["checksum"] is True

@@ -1,8 +1,12 @@
-"""The table format (lut.py): quantisation schemes and their bounds, storage, reading, bad input, and the import of
-the authors' inference form (model.moe_table.weight) into a table."""
+"""The table format (lut.py): quantisation schemes and their bounds, storage, reading (through Tensorstore and
+memory-mapped), bad input, and the import of the authors' inference form (model.moe_table.weight) into a table."""
 
 import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +16,7 @@ import pytest
 from flax import nnx
 
 import reference
-from conftest import prime_config, write_hf_checkpoint
+from conftest import prime_config, table_config, write_hf_checkpoint
 from mole_jax import checkpoint, hf, lut, lut_writer, schemes
 from mole_jax.config import MoleError, get_preset
 from mole_jax.model import graphdef_and_shapes
@@ -104,25 +108,27 @@ def test_bytes_match_the_paper():
 
 
 # A table written from host rows ------------------------------------------------------------------------------
-CFG = prime_config("mole", d_model=24)  # 97 ids, 3 layers, 5 experts; d = 24 so that every scheme applies
+CFG = table_config()  # 97 ids, 2 layers, 32 experts, d 16 (nf3 applies); shards of 32 rows fill whole pages
+SHAPE = (CFG.num_layers, CFG.num_experts, CFG.d_model)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _source(start, stop):
-    return np.stack([_rows((1, 3, 5, 24), seed=v)[0] for v in range(start, stop)])
+    return np.stack([_rows((1, *SHAPE), seed=v)[0] for v in range(start, stop)])
 
 
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
     root = tmp_path_factory.mktemp("tables")
-    for scheme in schemes.SCHEMES:
-        lut_writer.write_table(root / scheme, CFG, scheme, _source, fingerprint="f" * 64, shard_rows=10)
+    for scheme in schemes.SCHEMES:  # 4 shards: 32, 32, 32 and 1 rows
+        lut_writer.write_table(root / scheme, CFG, scheme, _source, fingerprint="f" * 64, shard_rows=32)
     return root
 
 
 @pytest.mark.parametrize("scheme", schemes.SCHEMES)
 def test_rows_any_order_with_duplicates(tables, scheme):
     table = lut.open_lut(tables / scheme)
-    assert table.shape == (97, 3, 5, 24) and table.scheme == scheme
+    assert table.shape == (97, *SHAPE) and table.scheme == scheme
     assert table.config == CFG and table.fingerprint == "f" * 64
     layout = schemes.make_layout(scheme, CFG)
     assert table.row_nbytes == layout.row_nbytes and table.nbytes == 97 * layout.row_nbytes
@@ -134,20 +140,162 @@ def test_rows_any_order_with_duplicates(tables, scheme):
     for name in stored:
         np.testing.assert_array_equal(stored[name].view(np.uint8), want_stored[name].view(np.uint8))
     rows = table.rows(ids)
-    assert rows.dtype == np.float32 and rows.shape == (7, 3, 5, 24)
+    assert rows.dtype == np.float32 and rows.shape == (7, *SHAPE)
     np.testing.assert_array_equal(rows, schemes.dequantize(stored, scheme))
     assert np.all(np.abs(rows - source[ids]) <= schemes.error_bound(source[ids], scheme, layout.block))
     whole = table.read_all_stored()
     for name in whole:
         np.testing.assert_array_equal(whole[name][ids].view(np.uint8), stored[name].view(np.uint8))
-    assert table.rows(np.array([], np.int64)).shape == (0, 3, 5, 24)
+    assert table.rows(np.array([], np.int64)).shape == (0, *SHAPE)
 
 
 def test_files_are_shards_not_rows(tables):
     info = lut.read_info(tables / "nf4")
-    assert info["num_shards"] == 10 and info["shards_written"] == 10 and info["complete"]
+    assert info["num_shards"] == 4 and info["shards_written"] == 4 and info["complete"]
     files = [p for p in (tables / "nf4").rglob("*") if p.is_file()]
-    assert len(files) == 1 + 2 * (1 + 10)  # lut.json, and per array zarr.json + one file per shard of 10 rows
+    assert len(files) == 1 + 3 * (1 + 4)  # lut.json; per array (payload, scales, checksums) zarr.json + 4 shards
+
+
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
+def test_shard_files_hold_raw_rows_in_order(tables, scheme):
+    """Rows [i*S, (i+1)*S) of an array are bytes [0, S * row bytes) of its shard file i, a whole number of pages;
+    the index (at the end) says so; `checksums` holds each row's crc32c per array."""
+    import crc32c
+
+    table = lut.open_lut(tables / scheme)
+    whole = table.read_all_stored()
+    sums = np.zeros((97, len(table.layout.arrays)), np.uint32)
+    for col, (name, (shape, dt)) in enumerate(table.layout.arrays.items()):
+        rb = lut.array_row_nbytes(shape, dt)
+        assert (32 * rb) % 4096 == 0, (name, rb)
+        for i in range(4):
+            start, stop = table.shard_range(i)
+            data = (tables / scheme / lut.shard_key(name, i, shape)).read_bytes()
+            assert len(data) == (stop - start) * rb + 32 * 16 + 4
+            assert data[:(stop - start) * rb] == whole[name][start:stop].tobytes()
+            assert lut.index_problem(data[-(32 * 16 + 4):], stop - start, rb, 32) is None
+        sums[:, col] = [crc32c.crc32c(whole[name][v].tobytes()) for v in range(97)]
+    stored = tables / scheme / "checksums"
+    assert json.loads((stored / "zarr.json").read_text())["shape"] == [97, len(table.layout.arrays)]
+    import tensorstore as ts
+
+    got = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(stored)}}).result().read().result()
+    np.testing.assert_array_equal(got, sums)
+
+
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
+def test_mapped_rows_equal_tensorstore_reads(tables, scheme):
+    table = lut.open_lut(tables / scheme)
+    for verify in (True, False):
+        mapped = table.mapped_stored(verify=verify)
+        whole = table.read_all_stored()
+        assert set(mapped) == set(table.layout.arrays)
+        for name, (shape, dt) in table.layout.arrays.items():
+            a = mapped[name]
+            assert a.shape == (97, *shape) and a.dtype == dt and a.flags.c_contiguous
+            assert not a.flags.writeable and a.ctypes.data % 4096 == 0  # page-aligned: 64-byte aligned and more
+            np.testing.assert_array_equal(a.view(np.uint8), whole[name].view(np.uint8))
+            with pytest.raises(ValueError):
+                a[0] = 0  # the mapping is read-only: numpy refuses to write
+            with pytest.raises(ValueError):
+                a.flags.writeable = True
+    ids = [96, 31, 32, 0, 64, 32]  # across the shards' boundaries
+    stored = table.read_stored(ids)
+    for name in stored:
+        np.testing.assert_array_equal(mapped[name][ids].view(np.uint8), stored[name].view(np.uint8))
+    np.testing.assert_array_equal(schemes.dequantize({k: v[ids] for k, v in mapped.items()}, scheme), table.rows(ids))
+
+
+def test_mapped_arrays_outlive_the_table_and_alias_in_jax(tables):
+    table = lut.open_lut(tables / "float16")
+    payload = table.mapped_stored()["payload"]
+    want = table.read_all_stored()["payload"]
+    del table
+    view = payload[40:50]
+    del payload  # the views keep the mapping
+    np.testing.assert_array_equal(view.view(np.uint8), want[40:50].view(np.uint8))
+    put = jax.device_put(view)  # zero-copy on the CPU backend: the device buffer is the mapping
+    assert put.unsafe_buffer_pointer() == view.ctypes.data
+    gathered = jax.jit(lambda t, i: t[i])(put, jnp.array([9, 0, 3]))
+    np.testing.assert_array_equal(np.asarray(gathered).view(np.uint16), want[[49, 40, 43]].view(np.uint16))
+
+
+MAPPED_RSS = """
+import gc
+import sys
+import jax
+import jax.numpy as jnp
+import numpy as np
+from mole_jax import lut
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+table = lut.open_lut(sys.argv[1])
+verify = sys.argv[2] == "verify"
+jax.device_put(np.zeros(4096, np.float32)).block_until_ready()  # the backend up before measuring
+shape = jax.ShapeDtypeStruct(table.layout.arrays["payload"][0], np.float32)
+ids = jnp.array([5, 4000, 16000])
+full = (table.shape[0], *shape.shape)
+gather = jax.jit(lambda t, i: t[i]).lower(jax.ShapeDtypeStruct(full, np.float32), ids).compile()
+warm = jax.device_put(np.zeros(full, np.float32))
+gather(warm, ids).block_until_ready()  # its first run too
+del warm
+gc.collect()
+before = rss()
+payload = table.mapped_stored(verify=verify)["payload"]
+on_device = jax.device_put(payload)
+rows = np.asarray(gather(on_device, ids))
+after = rss()
+assert on_device.unsafe_buffer_pointer() == payload.ctypes.data
+print(after - before, table.nbytes, int(rows.view(np.uint32).sum() % 1000003))
+"""
+
+
+@pytest.mark.parametrize("verify", ["verify", "structure"])
+def test_mapping_a_table_keeps_it_out_of_resident_memory(tmp_path, verify):
+    """64 MiB of rows, mapped (verify: every row read once and checked) and put on the CPU device: the process's
+    resident memory grows by far less than the table (its pages stay in the page cache, not the process)."""
+    cfg = table_config(vocab_size=16384)
+    rows = np.arange(16384 * 2 * 32 * 16, dtype=np.float32).reshape(16384, 2, 32, 16) % 1021
+    lut_writer.write_table(tmp_path / "big", cfg, "float32", lambda a, b: rows[a:b], fingerprint="b" * 64,
+                           shard_rows=4096)
+    r = subprocess.run([sys.executable, "-c", MAPPED_RSS, str(tmp_path / "big"), verify], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    grown, nbytes, check = map(int, r.stdout.split())
+    # Each row read may map a whole large folio of the page cache (up to 2 MiB on kernels with large folios for
+    # files): 3 rows, a few MiB at most, whatever the table's size.
+    assert nbytes == 64 << 20 and grown < nbytes // 4, (grown, nbytes)
+    assert check == int(rows[[5, 4000, 16000]].view(np.uint32).sum() % 1000003)
+
+
+def test_shard_rows_must_fill_whole_pages(tmp_path):
+    with pytest.raises(MoleError, match=r"shard_rows 3 makes payload shards of 6,144 bytes, not a whole number "
+                                        r"of 4096-byte pages .* use a multiple of 2, or at least the vocabulary"):
+        lut_writer.write_table(tmp_path / "a", CFG, "float16", _source, fingerprint="f" * 64, shard_rows=3)
+    assert not (tmp_path / "a" / "payload").exists()
+    with pytest.raises(MoleError, match=r"shard_rows 16 makes payload shards of 6,144 bytes.*multiple of 32"):
+        lut_writer.write_table(tmp_path / "b", CFG, "nf3", _source, fingerprint="f" * 64, shard_rows=16)
+    for bad in (0, -4, 2.5):
+        with pytest.raises(MoleError, match="shard_rows must be a positive integer"):
+            lut_writer.write_table(tmp_path / "c", CFG, "float16", _source, fingerprint="f" * 64, shard_rows=bad)
+    odd = _rows((97, 3, 5, 24))  # rows of 3 * 5 * 24 bytes + 15 scales: no shard of < 97 rows fills pages
+    one = lut_writer.write_table(tmp_path / "d", prime_config("mole", d_model=24), "int8", lambda a, b: odd[a:b],
+                                 shard_rows=97)  # one shard: any size
+    assert one and lut.read_info(tmp_path / "d")["num_shards"] == 1
+    single = lut.open_lut(tmp_path / "d")
+    for name, a in single.mapped_stored().items():
+        np.testing.assert_array_equal(a.view(np.uint8), single.read_all_stored()[name].view(np.uint8))
+    for preset in ("mole-4e-160m", "mole-16e-410m"):
+        cfg = get_preset(preset)
+        for scheme in schemes.SCHEMES:
+            layout = schemes.make_layout(scheme, cfg)
+            rows = lut_writer.default_shard_rows(layout, cfg.vocab_size)
+            assert lut.shard_rows_problem(layout, cfg.vocab_size, rows) is None, (preset, scheme, rows)
+            assert rows * layout.row_nbytes <= 2 * lut_writer.SHARD_TARGET_BYTES
 
 
 def test_bad_row_ids(tables):
@@ -171,7 +319,7 @@ def test_open_refuses_what_is_not_a_usable_table(tables, tmp_path):
     assert lut.open_lut(tables / "int8", expect_fingerprint="f" * 64).scheme == "int8"
 
     import shutil
-    for name, change, msg in [("future", {"format_version": 3}, "format version 3"),
+    for name, change, msg in [("future", {"format_version": 4}, "format version 4; this mole-jax reads version 3"),
                               ("interrupted", {"complete": False}, "incomplete")]:
         shutil.copytree(tables / "int8", tmp_path / name)
         meta = json.loads((tmp_path / name / "lut.json").read_text())
@@ -191,7 +339,10 @@ def test_memory_kvstore_and_url_locations():
     table = lut.open_lut(url)
     assert table.path == url and table.scheme == "nf4"
     np.testing.assert_array_equal(table.rows([5, 6]),
-                                  schemes.dequantize(schemes.quantize(_source(5, 7), "nf4", 24), "nf4"))
+                                  schemes.dequantize(schemes.quantize(_source(5, 7), "nf4", 16), "nf4"))
+    assert table.check_shard(0) is None and table.check_structure() is None
+    with pytest.raises(MoleError, match=f"table {url} cannot be memory-mapped: it is on a 'memory' kvstore"):
+        table.mapped_stored()
     with pytest.raises(MoleError, match="not a mole-jax lookup table"):
         lut.open_lut(url.replace("/table/", "/other/"))
     with pytest.raises(MoleError, match="already holds a complete table"):  # the same store as a JSON spec

@@ -1,6 +1,7 @@
 """Honest storage for `bench decode`: a table read cold (its files dropped from the page cache before each turn,
 no Tensorstore cache), its reads recorded, and the floor they are compared with: a thread-pool `os.pread` of the
-same byte ranges, found from the zarr3 shard indexes (each row is one inner chunk of its shard file)."""
+same byte ranges (a shard file holds its rows raw and in row order from offset 0, so row v of an array is bytes
+[(v % S) * row bytes, (v % S + 1) * row bytes) of its shard file v // S)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from typing import Any
 import numpy as np
 
 from mole_jax.bench.tools import PreadPool, drop_page_cache, read_seconds
-from mole_jax.lut import LookupTable, open_lut, shard_key
+from mole_jax.lut import LookupTable, array_row_nbytes, open_lut, shard_key
 
 COLD_CACHE_BYTES = 0  # the cold table's Tensorstore cache pool: nothing kept between reads
-_INDEX_ENTRY, _CRC = 16, 4  # a zarr3 shard index: (offset, nbytes) little-endian uint64 per inner chunk; crc32c
 
 
 class ColdTable:
@@ -70,31 +70,19 @@ class ColdTable:
 
 
 class RowRanges:
-    """(file, offset, size) of each stored row, from the shard indexes (read once, kept)."""
+    """(file, offset, size) of each stored row: row v of array `name` is at (v % S) * row bytes of shard file
+    v // S (format version 3 keeps rows raw, in row order, from offset 0; `LookupTable.check_shard` checks it)."""
 
     def __init__(self, table: LookupTable, root: str | Path):
         self.table, self.root = table, Path(root)
-        self._index: dict[tuple[str, int], np.ndarray] = {}
-
-    def index(self, name: str, shard: int) -> np.ndarray:
-        """[shard_rows, 2] (offset, nbytes) of the inner chunks of one shard file of stored array `name`."""
-        key = (name, shard)
-        if key not in self._index:
-            path = self.root / shard_key(name, shard, self.table.layout.arrays[name][0])
-            size = self.table.shard_rows * _INDEX_ENTRY + _CRC
-            with open(path, "rb") as f:
-                f.seek(-size, 2)
-                raw = f.read(size)
-            self._index[key] = np.frombuffer(raw[:-_CRC], "<u8").reshape(-1, 2)
-        return self._index[key]
 
     def __call__(self, ids) -> list[tuple[str, int, int]]:
         out = []
         rows = self.table.shard_rows
-        for name, (shape, _) in self.table.layout.arrays.items():
+        for name, (shape, dt) in self.table.layout.arrays.items():
+            nbytes = array_row_nbytes(shape, dt)
             for v in np.asarray(ids).reshape(-1).tolist():
-                offset, nbytes = self.index(name, v // rows)[v % rows]
-                out.append((str(self.root / shard_key(name, v // rows, shape)), int(offset), int(nbytes)))
+                out.append((str(self.root / shard_key(name, v // rows, shape)), (v % rows) * nbytes, nbytes))
         return out
 
 
@@ -108,9 +96,6 @@ def storage_floor(cold: ColdTable) -> dict[str, Any]:
     rows = sum(len(ids) for reads in turns for ids, _ in reads)
     decode_s = sum(s for reads in turns for _, s in reads)
     ranges, pool = RowRanges(cold.table, cold.root), PreadPool()
-    for reads in turns:  # the shard indexes, outside the timing: the floor keeps them in memory
-        for ids, _ in reads:
-            ranges(ids)
     replay_s = pread_s = 0.0
     try:
         for reads in turns:
