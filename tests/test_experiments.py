@@ -40,6 +40,13 @@ def run_tiny(script, name: str, out: Path, runs: Path, *extra: str) -> dict:
     return result
 
 
+def _one_line(err: str) -> str:
+    """A refusal's stderr: exactly one non-empty line, no traceback; that line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
 def finite(row: dict, *keys: str) -> bool:
     return all(isinstance(row[k], (int, float)) and math.isfinite(row[k]) for k in keys)
 
@@ -144,11 +151,11 @@ def test_dedup(tmp_path, runs):
 
 def test_paper_scale_needs_data_and_plan_runs_nothing(tmp_path, runs, capsys):
     assert quality.main(["--scale", "paper", "--out", str(tmp_path / "q"), "--runs", str(runs)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--data" in err[0]
+    err = _one_line(capsys.readouterr().err)
+    assert "--data" in err
     assert experts.main(["--scale", "tiny", "--experts", "0,4", "--out", str(tmp_path / "e"), "--runs",
                          str(tmp_path / "r")]) == 2
-    assert "--experts" in capsys.readouterr().err
+    assert "--experts" in _one_line(capsys.readouterr().err)
     assert quality.main(["--scale", "paper", "--plan", "--out", str(tmp_path / "q"), "--runs", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "accelerator_hours" in out and "mole-16e-160m" in out and "moe-34e-160m" in out
@@ -193,9 +200,8 @@ def test_prepare_data_bad_input(corpus, tmp_path, capsys):
     out = tmp_path / "t.bin"
     assert prepare_data.main([str(tmp_path / "bad.jsonl"), "--tokenizer", str(root / "tokenizer.json"), "--out",
                               str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bad.jsonl:2" in err[0]
+    assert "bad.jsonl:2" in _one_line(capsys.readouterr().err)
     assert not out.exists() and not list(tmp_path.glob("t.bin*"))  # nothing half-written left behind
     assert prepare_data.main([str(tmp_path / "missing.jsonl"), "--tokenizer", str(root / "tokenizer.json"),
                               "--out", str(out)]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "does not exist" in _one_line(capsys.readouterr().err)

@@ -27,6 +27,7 @@ from mole_jax.harness import MoleJaxLM, bucket  # noqa: E402
 DOCS = ["the cat sat on the mat. the dog sat on the log. a bird sang in the tree. " * 8,
         "a mole digs under the garden and finds a worm. the worm is long. " * 8,
         "Question: where does the mole live? Answer: under the garden.\n" * 8]
+TIMEOUT_S = 600  # a subprocess: a fresh interpreter importing JAX and lm-eval, on a slow machine
 CONTEXT = 48  # the models' max_seq_len: long requests below exceed it, to exercise truncation
 
 
@@ -321,7 +322,7 @@ def test_lm_eval_cli_through_our_wrapper(runs, tmp_path):
     cmd = [sys.executable, "-m", "mole_jax.harness", "run", "--model", "mole_jax", "--model_args",
            f"path={runs['mole']},lut={runs['lut-float16']}", "--tasks", "mole_local_mc", "--include_path",
            str(tasks), "--batch_size", "4", "--output_path", str(tmp_path / "results")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mole_local_mc" in r.stdout and "acc" in r.stdout
     written = list((tmp_path / "results").rglob("results_*.json"))
@@ -330,9 +331,10 @@ def test_lm_eval_cli_through_our_wrapper(runs, tmp_path):
     assert acc in {k / len(mc) for k in range(len(mc) + 1)}
     # a bad path is one clear line and exit status 2, as everywhere in mole-jax
     bad = subprocess.run(cmd[:7] + [f"path={tmp_path / 'missing'}"] + cmd[8:], capture_output=True, text=True,
-                         env=env)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("mole-jax: error: checkpoint not found")
+                         env=env, timeout=TIMEOUT_S)
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert lines[0].startswith("mole-jax: error: checkpoint not found")
 
 
 # Registration and bad input -----------------------------------------------------------------------------------
@@ -341,10 +343,10 @@ def test_registered_lazily_and_optional():
             "assert 'mole_jax.harness' not in sys.modules; "
             "assert get_model('mole_jax').__name__ == 'MoleJaxLM' == get_model('mole-jax').__name__; "
             "assert 'dummy' in model_registry")  # lm-eval's own models are still there
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr
     code = "import sys; sys.modules['lm_eval'] = None; import mole_jax; print(mole_jax.load.__name__)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0 and r.stdout.strip() == "load", r.stderr  # lm-eval absent: mole_jax still imports
 
 

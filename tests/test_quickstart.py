@@ -31,6 +31,8 @@ def test_quickstart_end_to_end_and_rerun(tmp_path):
 
 def test_quickstart_cli_bad_preset(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "quickstart", "--out", str(tmp_path / "q"),
-                        "--preset", "tiny-nope"], capture_output=True, text=True)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "unknown preset" in r.stderr
+                        "--preset", "tiny-nope"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("mole-jax: error: ") and "unknown preset" in lines[0]
     assert not (tmp_path / "q").exists()

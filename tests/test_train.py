@@ -28,6 +28,8 @@ from mole_jax.train_step import (TrainState, choose_dedup_rows, loss_fn, lr_sche
 TC = TrainConfig(steps=10, batch_size=16, seq_len=64, peak_lr=3e-3, warmup_frac=0.1, checkpoint_every=5,
                  eval_every=5, eval_batches=2, log_every=1)
 CLI = [sys.executable, "-m", "mole_jax.cli"]
+# Subprocess limits: about five times what each takes on a 2-core machine, for a machine three times slower.
+TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +187,10 @@ _CRASH_SCRIPT = textwrap.dedent("""
 
     def on_step(step, metrics):
         if step == kill_at:  # after the step-20 checkpoint became durable (Orbax renames it into place)
+            deadline = time.monotonic() + 600
             while not (Path(out) / "checkpoints" / "20" / "params").is_dir():
+                if time.monotonic() > deadline:
+                    sys.exit("the step-20 checkpoint did not appear")
                 time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -198,11 +203,11 @@ def test_crash_and_resume_equals_uninterrupted(tmp_path, text_data):
     script = tmp_path / "run.py"
     script.write_text(_CRASH_SCRIPT)
     cmd = [sys.executable, str(script), str(tmp_path / "crashed"), str(text_data[0]), str(text_data[1])]
-    killed = subprocess.run(cmd + ["27"], capture_output=True, text=True)
+    killed = subprocess.run(cmd + ["27"], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert checkpoint.locate(tmp_path / "crashed").step == 20
     assert max(_losses(tmp_path / "crashed")) >= 26  # it had logged past the checkpoint when it died
-    resumed = subprocess.run(cmd + ["0"], capture_output=True, text=True)
+    resumed = subprocess.run(cmd + ["0"], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     tc = TrainConfig(**{**TC.to_dict(), "steps": 40, "checkpoint_every": 20, "eval_every": 20})
@@ -288,7 +293,13 @@ def test_two_processes_equal_one(tmp_path, text_data, runs):
         env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:  # one that hangs (a coordinator waiting for a peer that died) is not left running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "trained tiny-mole to step 10" in outs[0][0] and "trained" not in outs[1][0]  # process 0 reports
@@ -305,7 +316,8 @@ def cli_run(tmp_path_factory):
     cmd = CLI + ["train", "--preset", "tiny-mole", "--out", str(out), "--steps", "120", "--batch-size", "16",
                  "--seq-len", "64", "--lr", "3e-3", "--checkpoint-every", "60", "--eval-every", "40"]
     # one device, as on a laptop (four fake ones cost a third more CPU; sharding has its own tests above)
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": xla_flags(1)})
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": xla_flags(1)},
+                       timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, cmd, r
 
@@ -333,7 +345,7 @@ def test_eval_cli_and_load(cli_run, tmp_path):
     out, _, _ = cli_run
     lines = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
     r = subprocess.run(CLI + ["eval", str(out), "--max-windows", "128", "--json", str(tmp_path / "e.json")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["tokens"] == 128 * 64 and result["split"] == "val" and result["step"] == 120
@@ -354,9 +366,11 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 
 def _cli_error(args) -> str:
+    """The one line of a refused command: exit status 2, exactly one non-empty line on stderr, no traceback."""
     status, _, err = run_cli(*args)
-    lines = err.strip().splitlines()
+    lines = [line for line in err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("mole-jax: error: "), lines[0]
     return lines[0]
 
 

@@ -184,8 +184,10 @@ def test_train_all_starts_from_the_dense_function_and_trains_the_backbone(dense,
 
 
 def _one_error_line(status, out, err, *words):
+    """Exit status 2, nothing on stdout, exactly one non-empty line on stderr, no traceback."""
     assert status == 2 and not out, (status, out, err)
-    assert err.startswith("mole-jax: error: ") and err.count("\n") == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mole-jax: error: ") and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)
 
