@@ -136,7 +136,8 @@ def _cmd_lut_upgrade(args):
     rows = (f", {r['shard_rows']} rows each" + (f" (was {r['from_shard_rows']})"
                                                if r["shard_rows"] != r["from_shard_rows"] else ""))
     done = "upgraded" if r["status"] == "upgraded" else "finished upgrading"
-    print(f"{done} {r['location']} to format version 3: {r['num_shards']} shards{rows}, every row checked, "
+    shards = f"{r['num_shards']} shard{'s' if r['num_shards'] != 1 else ''}"
+    print(f"{done} {r['location']} to format version 3: {shards}{rows}, every row checked, "
           f"fingerprint {r['fingerprint'][:16]}")
 
 

@@ -438,7 +438,7 @@ def row_checksums_parallel(rows: np.ndarray, chunk_bytes: int = 8 << 20) -> np.n
 
 # Memory mapping (Linux) --------------------------------------------------------------------------------------------
 _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000
-_MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
+_MADV_DONTNEED = 4
 _LIBC = None
 
 
@@ -626,19 +626,102 @@ class LookupTable:
         return schemes.dequantize(self.read_stored(ids), self.scheme, np)
 
     def read_all_stored(self) -> dict[str, np.ndarray]:
-        """The whole table's stored arrays in host memory, every row verified against its checksum."""
-        ids = np.arange(self.shape[0])
-        try:
-            with ts.Batch() as batch:
-                futures = {name: a.read(batch=batch) for name, a in self._arrays.items()}
-                sums = self._sums_futures(np.arange(self.num_shards), batch)
-            out = {name: f.result() for name, f in futures.items()}
-        except ValueError as e:
-            raise MoleError(f"reading {self.path} failed: {self._first_damage(ids, e)}") from None
-        line = self._store_sums(sums) or self._check_rows(ids, out, parallel=True)
+        """The whole table's stored arrays in host memory, every row verified against its checksum. The shard
+        files are read whole (mapped, for a local table) and their rows copied out, each file checked as
+        `check_shard` does (size, index saying raw rows in order), threads over the shards."""
+        line = self._store_sums(self._sums_futures(np.arange(self.num_shards), None))
+        if line:
+            raise MoleError(f"reading {self.path} failed: {line}")
+        out = {name: np.empty((self.shape[0], *shape), dt) for name, (shape, dt) in self.layout.arrays.items()}
+        sums = self._sums if self._sums_array is not None else None
+
+        def shard(i: int, parallel: bool) -> str | None:
+            start, stop = self.shard_range(i)
+            for col, name in enumerate(self.layout.arrays):
+                line = self._check_file(name, i, None if sums is None else sums[start:stop, col],
+                                        out[name][start:stop], parallel)
+                if line:
+                    return line
+            return None
+
+        line = self._first_line(shard)
         if line:
             raise MoleError(f"reading {self.path} failed: {line}")
         return out
+
+    def _first_line(self, shard) -> str | None:
+        """shard(i, parallel) over every shard, threads over the shards when there are several (else threads
+        inside the shard: parallel=True); the first shard's line that is not None."""
+        if self.num_shards >= 2 and workers() > 1:
+            lines = _pool().map(lambda i: shard(i, False), range(self.num_shards))
+        else:
+            lines = (shard(i, True) for i in range(self.num_shards))
+        return next((line for line in lines if line), None)
+
+    def _shard_file(self, name: str, i: int):
+        """Shard i's file of row array `name` whole: (buffer, mapping to close or None), mapped read-only for a
+        local table and read from the kvstore otherwise; or a str saying why it cannot be had."""
+        key = shard_key(name, i, self.arrays[name][0])
+        local = local_dir(self._spec)
+        if local is None:
+            try:
+                r = self._kv.read(key).result()
+            except ValueError as e:
+                return error_text(e)
+            return (r.value, None) if r.state == "value" else "missing"
+        try:
+            with open(local / key, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not size:
+                    return b"", None
+                m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as e:
+            return e.strerror or str(e)
+        return m, m
+
+    def _check_file(self, name: str, i: int, sums: np.ndarray | None, into: np.ndarray | None,
+                    parallel: bool) -> str | None:
+        """Check shard i's file of row array `name` as stored: its exact size, its index saying raw rows in row
+        order from offset 0, and (given their checksums) every row's crc32c; copy its rows into `into` (the
+        shard's rows of an output array) if given. One line naming the shard and the problem, or None."""
+        where = self._where(name, i)
+        got = self._shard_file(name, i)
+        if isinstance(got, str):
+            return f"{where}: {got}"
+        data, mapping = got
+        try:
+            problem = self._check_buffer(data, name, i, sums, into, parallel)
+        finally:
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:  # a view still alive (an exception's traceback): unmapped when it goes
+                    pass
+        return f"{where}: {problem}" if problem else None
+
+    def _check_buffer(self, data, name: str, i: int, sums, into, parallel: bool) -> str | None:
+        start, stop = self.shard_range(i)
+        n, S = stop - start, self.shard_rows
+        rb = array_row_nbytes(*self.layout.arrays[name])
+        size, want = len(data), shard_file_nbytes(n, rb, S)
+        if size != want:
+            return f"the file is {size:,} bytes, expected {want:,}"
+        problem = index_problem(bytes(data[size - index_nbytes(S):]), n, rb, S)
+        if problem:
+            return problem
+        rows = np.frombuffer(data, np.uint8, n * rb).reshape(n, rb)
+        if into is not None:
+            copy = into.reshape(n, -1).view(np.uint8)
+            np.copyto(copy, rows)
+            rows = copy
+        if sums is not None:
+            got = row_checksums_parallel(rows) if parallel else row_checksums(rows, True)
+            bad = np.flatnonzero(got != sums)
+            if bad.size:
+                return f"row {start + int(bad[0])} does not match its checksum"
+        return None
 
     def _sums_futures(self, shards: np.ndarray, batch) -> dict[int, ts.Future]:
         """Start reading the checksums of those of these shards not loaded yet."""
@@ -678,12 +761,11 @@ class LookupTable:
 
     # Whole shards: `lut verify`, error attribution, structure ---------------------------------------------------
     def check_shard(self, i: int) -> str | None:
-        """Read every file of shard i from storage (no cache) and check it: each row array's file of its exact
-        size, its index saying raw rows in row order (what mapping needs), every row's crc32c against the
-        `checksums` array (whose own chunk has a crc32c). None if all is well, else one line naming the shard
-        and what is wrong with it."""
+        """Read every file of shard i from storage and check it: each row array's file of its exact size, its
+        index saying raw rows in row order (what mapping needs), every row's crc32c against the `checksums` array
+        (whose own chunk has a crc32c). None if all is well, else one line naming the shard and what is wrong
+        with it."""
         start, stop = self.shard_range(i)
-        n, S = stop - start, self.shard_rows
         sums = None
         if self._sums_array is not None:
             try:
@@ -693,26 +775,10 @@ class LookupTable:
                 sums = self._sums_array[start:stop].read().result()
             except ValueError as e:
                 return f"{self._where(CHECKSUMS, i)}: {error_text(e)}"
-        for col, (name, (shape, dt)) in enumerate(self.layout.arrays.items()):
-            where, rb = self._where(name, i), array_row_nbytes(shape, dt)
-            try:
-                r = self._kv.read(shard_key(name, i, shape)).result()
-            except ValueError as e:
-                return f"{where}: {error_text(e)}"
-            if r.state != "value":
-                return f"{where}: missing"
-            data = r.value
-            want = shard_file_nbytes(n, rb, S)
-            if len(data) != want:
-                return f"{where}: the file is {len(data):,} bytes, expected {want:,}"
-            problem = index_problem(data[-index_nbytes(S):], n, rb, S)
-            if problem:
-                return f"{where}: {problem}"
-            if sums is not None:
-                got = row_checksums_parallel(np.frombuffer(data, np.uint8, n * rb).reshape(n, rb))
-                bad = np.flatnonzero(got != sums[:, col])
-                if bad.size:
-                    return f"{where}: row {start + int(bad[0])} does not match its checksum"
+        for col, name in enumerate(self.layout.arrays):
+            line = self._check_file(name, i, None if sums is None else sums[:, col], None, True)
+            if line:
+                return line
         return None
 
     def structure_problem(self, i: int) -> str | None:
@@ -816,8 +882,8 @@ class LookupTable:
 
     def _verify_mapped(self, arrays: dict[str, np.ndarray], mappings: dict[str, FileMapping]) -> str | None:
         """Every row of the mapped arrays against its checksum, in pieces of ~8 MiB over threads; each piece is
-        faulted in at once (MADV_POPULATE_READ where the kernel has it) and released after (MADV_DONTNEED: the
-        pages leave this process's resident set, not the page cache). The first bad row's line, or None."""
+        released after (MADV_DONTNEED: its pages leave this process's resident set, not the page cache). The
+        first bad row's line, or None."""
         line = self._store_sums(self._sums_futures(np.arange(self.num_shards), None))
         if line:
             return line
@@ -829,7 +895,6 @@ class LookupTable:
             stop = min(start + step, V)
             for col, (name, a) in enumerate(arrays.items()):
                 rb, m = sizes[name], mappings[name]
-                m.advise(start * rb, (stop - start) * rb, _MADV_POPULATE_READ)
                 got = row_checksums(a[start:stop], True)
                 m.advise(start * rb, (stop - start) * rb, _MADV_DONTNEED)
                 bad = np.flatnonzero(got != self._sums[start:stop, col])
