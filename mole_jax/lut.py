@@ -536,11 +536,12 @@ def read_info(lut_dir) -> dict:
 
 
 class LookupTable:
-    """A complete table, opened for reading. Reads go straight to Tensorstore: one batched integer-array read per
-    stored array, with a cache pool holding shard indexes and recently read rows; each row read is verified
-    against its crc32c in the `checksums` array (loaded shard by shard as rows of a shard are first read, then
-    kept: 4 bytes per row and array). A failed read names the shard it failed in. `mapped_stored` gives the
-    rows of a local table as memory-mapped numpy arrays instead."""
+    """A complete table, opened for reading. `read_stored` goes straight to Tensorstore: one batched integer-array
+    read per stored array, with a cache pool holding shard indexes and recently read rows; each row read is
+    verified against its crc32c in the `checksums` array (loaded shard by shard as rows of a shard are first read,
+    then kept: 4 bytes per row and array). `read_all_stored` and `check_shard` read the shard files whole and
+    check them themselves; `mapped_stored` gives the rows of a local table as memory-mapped numpy arrays. A
+    failed read names the shard it failed in."""
 
     def __init__(self, spec: ts.KvStore.Spec, meta: dict, cache_bytes: int):
         self.path = describe(spec)
