@@ -22,12 +22,11 @@ from mole_jax.bench.tools import median, write_json
 from mole_jax.config import MoleError, TrainConfig, get_preset, presets
 from mole_jax.convert import convert_to_lut
 from mole_jax.decode import LanguageModel, load
-from mole_jax.decoder import random_state
+from mole_jax.decoder import DEFAULT_STEPS_PER_DISPATCH, random_state
 from mole_jax.model import init_params, without_routed_experts
 from mole_jax.train import train
 
 PROMPT = "The return statement"
-TIMING_WARMUP = 3  # untimed steps before each turn of timed ones
 
 
 def _dense_preset(preset: str) -> str | None:
@@ -39,10 +38,11 @@ def _dense_preset(preset: str) -> str | None:
 def _decode_timings(models: dict[str, LanguageModel], dense: LanguageModel | None, cfg, steps: int) -> dict:
     """ms/step of each model, and against Dense, measured as `mole-jax bench decode` does: from one KV cache state,
     compiled before the timing, batch 1, each model taking turns with Dense (a drifting load slows both alike)."""
-    chunk = max(1, steps // 4)
-    prompt_len = min(64, cfg.max_seq_len - chunk - TIMING_WARMUP - 1)
-    turns = Turns(steps=steps, chunk=chunk, warmup=TIMING_WARMUP, prompt_len=prompt_len,
-                  cache_len=prompt_len + TIMING_WARMUP + chunk + 1)
+    K = DEFAULT_STEPS_PER_DISPATCH
+    chunk = max(K, steps // 4 // K * K)  # whole dispatches of K steps
+    prompt_len = min(64, cfg.max_seq_len - chunk - K - 1)
+    turns = Turns(steps=steps, chunk=chunk, warmup=K, prompt_len=prompt_len, cache_len=prompt_len + K + chunk + 1,
+                  steps_per_dispatch=K)
     state = random_state(cfg, 1, turns.prompt_len, turns.cache_len)
     ms, vs_dense, dense_s = {}, {}, []
     for name, model in models.items():
@@ -56,7 +56,8 @@ def _decode_timings(models: dict[str, LanguageModel], dense: LanguageModel | Non
     if dense_s:
         ms["dense"] = median(dense_s) * 1e3
     return {"ms_per_step": ms, "vs_dense": vs_dense,
-            "method": f"batch 1, KV cache of {turns.prompt_len} positions, median of {steps} steps per model in "
+            "method": f"batch 1, {K} steps per dispatch (the table's rows read by the step itself), KV cache of "
+                      f"{turns.prompt_len} positions, median of {steps} steps per model in "
                       f"turns of {chunk} against Dense, compiled before timing"}
 
 

@@ -260,7 +260,9 @@ def plain_tokens(mole_table):
 def test_pinned_rows_equal_plain(mole_table, placement):
     _pinned_or_skip()
     table = lut.open_lut(mole_table[1])
-    sources = {mode: row_sources.row_source(table, placement, row_sources.Transfers(mode)) for mode in ("on", "off")}
+    fetched = dict(host_read="gather") if placement == "host" else dict(storage_read="batched")  # the host's puts
+    sources = {mode: row_sources.row_source(table, placement, row_sources.Transfers(mode), **fetched)
+               for mode in ("on", "off")}
     ids = np.array([[5, 17, 96, 5], [0, 3, 3, 41]])
     unique = np.unique(ids)  # 6 distinct ids in 8 rows: the last 2 are unused padding
     want = table.read_stored(unique)
@@ -277,7 +279,8 @@ def test_pinned_greedy_tokens_equal_plain(mole_table, plain_tokens, placement, o
     """Every put of the generation staged in pinned host memory (the step split around the fetch, or not): the
     same tokens as without."""
     _pinned_or_skip()
-    model = load(mole_table[0], lut=mole_table[1], lut_placement=placement, overlap=overlap)
+    model = load(mole_table[0], lut=mole_table[1], lut_placement=placement, overlap=overlap, host_read="gather",
+                 storage_read="batched")
     model.decoder.transfers.set_pinned("on")
     kinds = _spy_on_staging(model.decoder.transfers)
     assert model.generate(PROMPTS, 6) == plain_tokens

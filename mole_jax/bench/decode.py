@@ -421,7 +421,7 @@ def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) 
 
 
 def summary_lines(summary: dict[str, Any], floor: dict) -> list[str]:
-    """The summary as printed (and as results/latency/decode_report.py writes it): the cold reads' rows/s, then
+    """The summary as printed (and as experiments/decode_report.py writes it): the cold reads' rows/s, then
     one line per ratio."""
     lines = []
     if floor:

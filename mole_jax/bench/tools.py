@@ -4,7 +4,9 @@ benchmark ends with."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import platform
 import resource
@@ -79,9 +81,6 @@ def release_mapped(arrays) -> None:
     """Drop this process's pages of memory-mapped arrays (madvise MADV_DONTNEED on each array's range: a file
     mapping then faults its pages in again, from the page cache or, after drop_page_cache, from the disk). Each
     array: a numpy array or a JAX CPU array aliasing a mapping. A no-op off Linux."""
-    import ctypes
-    import mmap
-
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)

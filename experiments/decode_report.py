@@ -1,6 +1,6 @@
 """Markdown and a plot from a `mole-jax bench decode --json` file: what decode_{small,160m}.{md,png} hold.
 
-    python results/latency/decode_report.py results/latency/decode_small.json --wall "2m5s" --note "session 8"
+    python experiments/decode_report.py results/latency/decode_small.json --wall "2m5s"
 
 Writes JSON's stem .md and .png beside it. The figures are the JSON's; nothing is measured here.
 """
