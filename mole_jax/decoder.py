@@ -127,8 +127,10 @@ class Chunk(NamedTuple):
     state: DecodeState
     done_B: jax.Array  # bool: the sequence has produced eos_id
     made: jax.Array  # int32 scalar: tokens generated so far (the prefill's included)
-    ids_KxB: jax.Array  # the tokens of the chunk's steps (rows past its last step: any value)
+    ids_KxB: jax.Array | None  # the tokens of the chunk's steps (rows past its last step: any value)
     logits_KxBxV: jax.Array | None  # with_logits: what each was sampled from
+    total: jax.Array  # int32 scalar: the tokens to make in all
+    eos_id: jax.Array  # int32 scalar: the stop token (-1: none)
 
 
 def _chunk(graphdef, *, greedy, steps, with_logits, params, cache, ids_Bx1, pos_B, key, logits_BxV, done_B, made,
@@ -159,7 +161,7 @@ def _chunk(graphdef, *, greedy, steps, with_logits, params, cache, ids_Bx1, pos_
     start = DecodeState(ids_Bx1, pos_B, cache, key, logits_BxV)
     _, state, done_B, made, ids_KxB, logits_KxBxV = jax.lax.while_loop(
         cond, body, (jnp.int32(0), start, done_B, made, ids_KxB, logits_KxBxV))
-    return Chunk(state, done_B, made, ids_KxB, logits_KxBxV)
+    return Chunk(state, done_B, made, ids_KxB, logits_KxBxV, total, eos_id)
 
 
 def _front(graphdef, *, params, cache0, ids_BxT, start_B=None):
@@ -262,21 +264,21 @@ class Decoder:
         the stop flags, the count of tokens made and the loop's constants (one put)."""
         if not self.chunked:
             raise MoleError("this decoder's table is fetched by the host: it runs one step per dispatch")
-        made, total, eos = self.transfers.put((np.int32(1), np.int32(num_tokens), np.int32(-1 if eos_id is None
-                                                                                            else eos_id)))
-        self._loop_consts = total, eos
-        return Chunk(state, _no_done(state.ids_Bx1), made, None, None)
+        # committed like a chunk's outputs, so that the first chunk and the next share one trace
+        done, made, total, eos = self.transfers.put((np.zeros(state.ids_Bx1.shape[:1], bool), np.int32(1),
+                                                     np.int32(num_tokens), np.int32(-1 if eos_id is None else eos_id)))
+        return Chunk(state, done, made, None, None, total, eos)
 
     def chunk(self, carry: Chunk, sampler: Sampler | None, greedy: bool, *, with_logits: bool = False,
               forced_SxB: jax.Array | None = None) -> Chunk:
         """Dispatch the next chunk from `carry` (its cache donated): up to steps_per_dispatch steps. Moves nothing
         between the host and the device."""
         state = carry.state
-        total, eos = self._loop_consts
         return self._chunk(greedy=greedy, steps=self.steps_per_dispatch, with_logits=with_logits,
                            params=self.params, cache=state.cache, ids_Bx1=state.ids_Bx1, pos_B=state.pos_B,
                            key=state.key, logits_BxV=state.logits_BxV, done_B=carry.done_B, made=carry.made,
-                           total=total, eos_id=eos, sampler=sampler, rows=self.reader, forced_SxB=forced_SxB)
+                           total=carry.total, eos_id=carry.eos_id, sampler=sampler, rows=self.reader,
+                           forced_SxB=forced_SxB)
 
     def begin(self, state: DecodeState, sampler: Sampler | None, greedy: bool) -> Pending:
         if not self.fetching:
@@ -403,12 +405,6 @@ def check_steps_per_dispatch(steps: int | None) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise MoleError(f"steps per dispatch must be a positive integer, got {steps!r}")
     return int(steps)
-
-
-@jax.jit
-def _no_done(ids_Bx1: jax.Array) -> jax.Array:
-    """All-False stop flags [B], made on the device."""
-    return jnp.zeros(ids_Bx1.shape[:1], bool)
 
 
 def _on_host(tree) -> bool:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickletools
 import shutil
 import socket
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -231,7 +233,45 @@ class TensorSource:
         return t.float().numpy().astype(ml_dtypes.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy()
 
 
+# What a plain weights file written by torch.save may call when unpickled: a state dict of tensors and nothing else.
+_PICKLE_ALLOWED = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
+
+
+def _pickle_calls(data: bytes) -> list[tuple[str, str]]:
+    """The (module, name) of every global a pickle loads, read with pickletools (nothing is unpickled)."""
+    calls, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("GLOBAL", "INST"):
+            calls.append(tuple(arg.split(" ", 1)))
+        elif op.name == "STACK_GLOBAL":
+            calls.append((strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?"))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return calls
+
+
+def _check_plain_weights(f: Path) -> None:
+    """Refuse a .bin that is not torch.save's zip of a plain state dict, from its bytes alone (no torch, nothing
+    unpickled): any global it would call outside the tensors' rebuild functions and storages is code."""
+    if not zipfile.is_zipfile(f):
+        raise MoleError(f"refusing to load {f}: not the zip format torch.save writes (a legacy or foreign pickle)")
+    with zipfile.ZipFile(f) as z:
+        pickles = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pickles) != 1:
+            raise MoleError(f"refusing to load {f}: not a torch.save archive (no single data.pkl)")
+        try:
+            calls = _pickle_calls(z.read(pickles[0]))
+        except Exception as e:  # a truncated or malformed pickle
+            raise MoleError(f"refusing to load {f}: its pickle does not parse ({type(e).__name__}: {e})") from None
+    for module, name in calls:
+        storage = module == "torch" and name.endswith("Storage")
+        if (module, name) not in _PICKLE_ALLOWED and not storage:
+            raise MoleError(f"refusing to load {f}: not a plain weights file (it calls {module}.{name})")
+
+
 def _load_bin(f: Path) -> dict:
+    _check_plain_weights(f)
     try:
         import torch
     except ImportError:

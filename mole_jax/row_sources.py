@@ -23,11 +23,13 @@ is asynchronous: nothing here waits for a transfer, so a step's computation is d
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
-from pathlib import Path
-
+import mmap
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +184,51 @@ class TableReader:
 
 def device_table(table, transfers: Transfers) -> TableReader:
     """The device placement: the whole stored table resident in device memory."""
+    if transfers.device.platform == "cpu":
+        return TableReader(in_host_ram(table, transfers), table.scheme)
     return TableReader(transfers.put(table.read_all_stored()), table.scheme)
+
+
+_COPY_ROWS_BYTES = 64 << 20  # the piece of the table copied at a time into host RAM
+
+
+def in_host_ram(table, transfers: Transfers) -> dict[str, jax.Array]:
+    """The CPU backend's whole table in RAM, one copy: the stored arrays read into page-aligned buffers, which
+    `jax.device_put` aliases instead of copying (a numpy array of ordinary alignment is copied: twice the table at
+    peak). A local table is read through its mapping (every row checked), a piece at a time, each piece's file
+    pages released once copied; any other is read whole first. The bytes are counted as sent."""
+    local = isinstance(getattr(table, "path", None), Path)
+    source = table.mapped_stored(verify=True) if local else table.read_all_stored()
+    out = {}
+    for name, src in source.items():
+        buf = mmap.mmap(-1, max(src.nbytes, 1))
+        dst = np.frombuffer(buf, src.dtype, count=src.size).reshape(src.shape)
+        step = max(1, _COPY_ROWS_BYTES // max(1, src[:1].nbytes))
+        for start in range(0, len(src), step):
+            dst[start:start + step] = src[start:start + step]
+            if local:
+                piece = src[start:start + step]
+                release_pages(piece.ctypes.data, piece.nbytes)
+        out[name] = dst
+    transfers.bytes_sent += nbytes(out)
+    return jax.device_put(out, transfers.target)
+
+
+def release_pages(address: int, num_bytes: int) -> None:
+    """Drop this process's pages of a file mapping from `address` on (MADV_DONTNEED: the page cache keeps them, and
+    the next access faults them in again). Linux only, a no-op elsewhere."""
+    if not sys.platform.startswith("linux") or num_bytes == 0:
+        return
+    start = address - address % mmap.PAGESIZE
+    length = -(-(address + num_bytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def in_program_slices_compile(device) -> str | None:
@@ -206,8 +252,8 @@ def host_table(table, transfers: Transfers, *, slices: bool | None = None) -> Ta
     device = transfers.device
     if slices is None:
         slices = device.platform != "cpu"
-    if not slices:
-        return TableReader(transfers.put(table.read_all_stored()), table.scheme)
+    if not slices:  # CPU: the device's memory is host RAM
+        return TableReader(in_host_ram(table, transfers), table.scheme)
     if PINNED_HOST not in memory_kinds(device):
         return None
     if in_program_slices_compile(device) is not None:

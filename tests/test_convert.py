@@ -212,7 +212,12 @@ def test_two_processes_write_their_own_shards(run, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", DISTRIBUTED, str(run["ckpt"]), str(tmp_path / "multi"),
                                str(port), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT, env=env) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     shards = [{int(line.split()[1]) for line in o.splitlines() if line.startswith("shard ")} for o, _ in outs]
@@ -356,7 +361,7 @@ def test_cli_verify_failure_exits_2_in_one_line(run, tmp_path):
     out = convert_to_lut(run["ckpt"], tmp_path / "lut", "float16", progress=False)
     other = _save(tmp_path / "other", CFG, init_params(CFG, seed=6))
     r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "lut", "verify", str(out), str(other)],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "different parameters" in lines[0]

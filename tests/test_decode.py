@@ -415,7 +415,7 @@ def test_generate_text_and_cli_streaming(tmp_path):
     ids = model.generate(model.encode("the cat"), 10, eos_id=model.eos_id)
     assert isinstance(text, str) and text == model.decode(ids)
     r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "generate", str(run), "--prompt", "the cat",
-                        "--max-new-tokens", "10"], capture_output=True, text=True)
+                        "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "the cat" + text + "\n"
 
@@ -425,7 +425,7 @@ def test_cli_prompt_ids(mole_run, models):
     want = models("mole-train").generate(PROMPTS[2], 6)
     r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "generate", str(run), "--lut", str(lut_dir),
                         "--placement", "storage", "--prompt-ids", ",".join(map(str, PROMPTS[2])),
-                        "--max-new-tokens", "6"], capture_output=True, text=True)
+                        "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(t) for t in want]
 

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import pickletools
+import re
 import shlex
 import signal
 import socket
@@ -136,13 +137,11 @@ def _malicious_bin(path, marker, layout: str) -> bytes:
 
 @pytest.mark.parametrize("layout", ["zip", "raw"])
 def test_pickle_with_code_is_refused(tmp_path, layout):
-    """No torch needed: the import refuses the file (with torch, its weights-only unpickler rejects the GLOBAL;
-    without, nothing reads a .bin at all), in one line from the command, and the payload never runs."""
-    try:
-        import torch  # noqa: F401
-        refusal = "refusing to load"
-    except ImportError:
-        refusal = "reading it safely needs torch"
+    """No torch needed: the import refuses the file from its bytes (the pickle's opcodes name os.system; a raw
+    pickle is not the zip torch.save writes), in one line from the command, and the payload never runs."""
+    refusal = ("refusing to load .*pytorch_model.bin: " + (
+        rf"not a plain weights file \(it calls {os.system.__module__}.system\)" if layout == "zip"
+        else "not the zip format torch.save writes"))
     marker = tmp_path / "payload-ran"
     src = tmp_path / "evil"
     write_hf_checkpoint(src, prime_config("dense"))
@@ -155,7 +154,7 @@ def test_pickle_with_code_is_refused(tmp_path, layout):
                        capture_output=True, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert lines[0].startswith("mole-jax: error: ") and refusal in lines[0] and "pytorch_model.bin" in lines[0]
+    assert lines[0].startswith("mole-jax: error: ") and re.search(refusal, lines[0]), lines[0]
     assert not marker.exists() and not (tmp_path / "run").exists()
     # the file is what it claims to be: plain unpickling runs the payload (which only touches the marker)
     pickle.loads(evil)
@@ -207,8 +206,8 @@ def test_cli_bad_input_exit_2_one_line(tmp_path):
         assert status == 2, (name, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err, (name, err)
-    r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf"], capture_output=True, text=True)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # the installed entry point, as a user
+    r = subprocess.run([sys.executable, "-m", "mole_jax.cli", "import-hf"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr  # the installed entry point, as a user
 
 
 KILLED_BEFORE_PUBLISHING = """
@@ -229,14 +228,14 @@ def test_a_killed_import_or_export_leaves_nothing_behind(tmp_path):
     for cmd, src, out in [("import", tmp_path / "src", tmp_path / "run"),
                           ("export", tmp_path / "run", tmp_path / "exported")]:
         r = subprocess.run([sys.executable, "-c", KILLED_BEFORE_PUBLISHING, cmd, str(src), str(out)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
         assert [name for name in leftovers(out) if ".partial-" in name] and not out.exists()
         (hf.import_hf if cmd == "import" else hf.export_hf)(src, out)  # the next run cleans up after the killed one
         assert out.is_dir() and leftovers(out) == []
     # killed between the two renames of a replacement: the previous OUT is moved back, not lost
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=60)
     out = tmp_path / "exported"
     out.rename(tmp_path / f".exported.old-{dead.pid}-{socket.gethostname()}")
     with pytest.raises(MoleError, match="exists and is not empty"):

@@ -89,5 +89,5 @@ def test_import_and_help_do_not_load_jax():
     code = ("import sys, mole_jax; from mole_jax.cli import build_parser; build_parser(); "
             "heavy = [m for m in ('jax', 'flax', 'optax', 'orbax', 'tensorstore', 'lm_eval') if m in sys.modules]; "
             "assert not heavy, heavy; print(mole_jax.presets['tiny-mole'].kind)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "mole", r.stderr

@@ -4,9 +4,7 @@ benchmark ends with."""
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import platform
 import resource
@@ -20,6 +18,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mole_jax.row_sources import release_pages
 
 
 def block(x):
@@ -78,18 +78,10 @@ def drop_page_cache(root: str | Path) -> int:
 
 
 def release_mapped(arrays) -> None:
-    """Drop this process's pages of memory-mapped arrays (madvise MADV_DONTNEED on each array's range: a file
-    mapping then faults its pages in again, from the page cache or, after drop_page_cache, from the disk). Each
-    array: a numpy array or a JAX CPU array aliasing a mapping. A no-op off Linux."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    """Drop this process's pages of memory-mapped arrays (numpy arrays, or JAX CPU arrays aliasing a mapping): a
+    file mapping then faults its pages in again, from the page cache or, after drop_page_cache, from the disk."""
     for a in arrays:
-        address = a.ctypes.data if isinstance(a, np.ndarray) else a.unsafe_buffer_pointer()
-        start = address - address % mmap.PAGESIZE
-        length = -(-(address + a.nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
-        libc.madvise(start, length, 4)  # MADV_DONTNEED
+        release_pages(a.ctypes.data if isinstance(a, np.ndarray) else a.unsafe_buffer_pointer(), a.nbytes)
 
 
 def read_seconds(path: str | Path, chunk: int = 1 << 20) -> float:
