@@ -335,35 +335,77 @@ _TRAIN_FLAGS = {  # CLI flag -> TrainConfig field (unset flags keep TrainConfig'
 }
 
 
-def _cmd_train(args):
-    cfg = get_preset(args.preset) if args.preset else None  # a bad name fails before JAX starts
-    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
-    tc = TrainConfig(**overrides, dedup=not args.no_dedup)
-    from mole_jax import train as train_mod
+def _model_from_args(args):
+    """The model config of --preset or --config with the --set overrides applied (checked before JAX starts), the
+    overrides, the config file's record, and the model's name; a None config: the run in --out provides it."""
+    from pathlib import Path
 
-    name = args.preset
-    if cfg is None:  # the model of the run in OUT (a run to resume, or an upcycled model)
+    from mole_jax.config import apply_overrides, parse_overrides, read_model_config
+
+    if args.preset and args.config:
+        raise MoleError("give --preset or --config, not both (--set changes single fields of either)")
+    overrides = parse_overrides(args.set or [])
+    if "dtype" in overrides and getattr(args, "dtype", "auto") not in ("auto", overrides["dtype"]):
+        raise MoleError(f"--dtype {args.dtype} and --set dtype={overrides['dtype']} disagree: give one of them")
+    config_file, name = None, args.preset
+    if args.config:
+        cfg, fields = read_model_config(args.config)
+        config_file = {"path": str(Path(args.config).expanduser().absolute()), "model_config": fields}
+        name = f"the {cfg.kind} model of {args.config}"
+    else:
+        cfg = get_preset(args.preset) if args.preset else None  # a bad name fails before JAX starts
+    if cfg is not None:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg, overrides, config_file, name
+
+
+def _cmd_train(args):
+    cfg, overrides, config_file, name = _model_from_args(args)
+    flags = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    tc = TrainConfig(**flags, dedup=not args.no_dedup)
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise MoleError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    from mole_jax import train as train_mod
+    from mole_jax.config import apply_overrides
+
+    if cfg is None:  # the model of the run in OUT (a run to resume, or an upcycled model), with its overrides
         cfg, recorded = train_mod.run_model(args.out)
+        cfg = apply_overrides(cfg, overrides)
+        run_set, config_file = train_mod.run_overrides(args.out)
+        overrides = {**run_set, **overrides}
         name = recorded or f"the {cfg.kind} model of {args.out}"
 
     # before anything touches a device: join the other hosts when the environment (or the flags) ask for it
     train_mod.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    dtype = args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = (args.dtype if args.dtype != "auto" else overrides["dtype"] if "dtype" in overrides else
+             "float32" if jax.default_backend() == "cpu" else "bfloat16")
     cfg = cfg.replace(dtype=dtype)
+    if "dtype" in overrides:  # recorded as it runs (an explicit --dtype wins over the run's override)
+        overrides["dtype"] = dtype
     result = train_mod.train(cfg, tc, out=args.out, data_source=args.data, tokenizer=args.tokenizer,
-                             devices=args.devices, preset=args.preset, progress=not args.no_progress)
+                             devices=args.devices, preset=args.preset, progress=not args.no_progress,
+                             overrides=overrides, config_file=config_file, peak_tflops=args.peak_tflops)
     if jax.process_index() == 0:
         val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         loss = f": loss {result.loss:.4f}{val}" if result.loss is not None else " (already complete)"
         print(f"trained {name} to step {result.step}{loss}; run directory {result.out}")
 
 
+def _add_model_overrides(p):
+    p.add_argument("--config", metavar="FILE.json",
+                   help="a whole model config, as ModelConfig.to_dict writes it (instead of --preset)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a ModelConfig field on top of --preset or --config, e.g. --set num_experts=8 (repeatable; "
+                        "ints, floats, true/false, strings, none; checked as the config checks it)")
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train a preset on text (resumes when OUT holds the same run)")
     p.add_argument("--preset", help="model preset, e.g. tiny-mole, small-dense, mole-4e-160m; optional when OUT "
                                     "holds a run (to resume, or an upcycled model: its model)")
+    _add_model_overrides(p)
     p.add_argument("--data", nargs="+", default=None,
                    help="text file(s) or directory, a .bin token file (uint16; .u32.bin for uint32), hf:NAME for a "
                         "locally cached Hugging Face dataset, or 'default' (the default: the embedded English "
@@ -398,6 +440,9 @@ def _add_train(sub):
     p.add_argument("--train", choices=TRAINABLE,
                    help="what gets updates: all (default) or new (MoLE's routed experts, expert norms and routers "
                         "only, e.g. of an upcycled model: the backbone stays bit-identical)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="one device's peak TFLOP/s for MFU in metrics.jsonl (default: the nominal bf16 peak of a "
+                        "known GPU/TPU; on CPU a float32 matmul rate measured at the start)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
@@ -433,11 +478,17 @@ def _add_eval(sub):
 
 
 def _cmd_bench_train(args):
+    from mole_jax.config import parse_overrides
+
+    overrides = parse_overrides(args.set or [])  # checked before JAX starts
+    if "dtype" in overrides and args.dtype not in ("auto", overrides["dtype"]):
+        raise MoleError(f"--dtype {args.dtype} and --set dtype={overrides['dtype']} disagree: give one of them")
     from mole_jax.bench.train import bench_train
 
     bench_train(preset_size=args.preset_size, tokens_per_step=[int(t) for t in args.tokens.split(",")],
                 seq_len=args.seq_len, micro_tokens=args.micro_tokens, iters=args.iters, dtype=args.dtype,
-                devices=args.devices, json_path=args.json)
+                devices=args.devices, json_path=args.json,
+                overrides=overrides)
 
 
 def _add_bench_train(bench_sub):
@@ -452,6 +503,9 @@ def _add_bench_train(bench_sub):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--devices", type=int, help="devices to use (default: all)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a ModelConfig field of both presets, e.g. --set d_model=512 (repeatable; num_experts, "
+                        "expert_dim and top_k change only MoLE)")
     p.set_defaults(func=_cmd_bench_train)
 
 

@@ -7,8 +7,12 @@ fields. Every preset of a size shares the backbone, so Dense, MoE and MoLE diffe
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
-from typing import Any
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
 
 KINDS = ("dense", "moe", "mole")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -132,6 +136,171 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Overrides: `mole-jax train --set KEY=VALUE` and `--config FILE.json` ------------------------------------------
+# Fields whose values are names: an override outside these is refused before the config is built.
+FIELD_CHOICES: dict[str, tuple] = {"kind": KINDS, "dtype": DTYPES, "param_dtype": DTYPES, "moe_impl": MOE_IMPLS,
+                                   "attention_impl": (None, "auto", "xla", "cudnn")}
+
+
+def model_field_types() -> dict[str, Any]:
+    """ModelConfig's fields in declaration order, each with its type (int, float, bool, str, X | None, tuple)."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}
+
+
+def _type_words(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_words(a) for a in inner) + " or none"
+    if typing.get_origin(hint) is tuple:
+        return f"comma-separated {_type_words(args[0]).split(' ', 1)[-1]}s"
+    return {int: "an int", float: "a float", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+class _BadValue(Exception):
+    pass
+
+
+def _coerce(hint, value, text: bool = True):
+    """`value` (text from the command line, or a JSON value) as a value of type `hint`; _BadValue if it is none.
+    text=False: `value` is a JSON value, and only a string field takes a string."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (text and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                return _coerce(a, value, text)
+            except _BadValue:
+                pass
+        raise _BadValue
+    if origin is tuple:
+        items = [v for v in value.split(",") if v.strip()] if text and isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise _BadValue
+        item = args[0] if args else str
+        return tuple(_coerce(item, v, text) for v in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if text and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise _BadValue
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise _BadValue from None
+        raise _BadValue
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise _BadValue from None
+        raise _BadValue
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _BadValue
+    raise _BadValue
+
+
+def _unknown_field(key: str, where: str) -> ConfigError:
+    names = list(model_field_types())
+    near = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    return ConfigError(f"{where}: ModelConfig has no field {key!r}: {hint}the fields are {', '.join(names)}")
+
+
+def field_value(key: str, value, where: str | None = None, *, text: bool = True) -> Any:
+    """The value of ModelConfig field `key` given as text (`--set`) or as a JSON value (text=False, `--config`),
+    checked against the field's type and, for the named fields, its choices. `where` names it in the message."""
+    fields = model_field_types()
+    where = where or f"--set {key}={value}"
+    if key not in fields:
+        raise _unknown_field(key, where)
+    try:
+        parsed = _coerce(fields[key], value, text)
+    except _BadValue:
+        raise ConfigError(f"{where}: {key} takes {_type_words(fields[key])}, not {value!r}") from None
+    choices = FIELD_CHOICES.get(key)
+    if choices is not None and parsed not in choices:
+        allowed = ", ".join("none" if c is None else str(c) for c in choices)
+        raise ConfigError(f"{where}: {key} must be one of {allowed}, not {value!r}")
+    return parsed
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as {field: typed value} (later items win), each checked by field_value."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set takes KEY=VALUE (a ModelConfig field and its value), not {item!r}")
+        overrides[key] = field_value(key, text.strip())
+    return overrides
+
+
+def apply_overrides(cfg: "ModelConfig", overrides: dict[str, Any]) -> "ModelConfig":
+    """`cfg` with `overrides` (parse_overrides's) applied together, validated as every ModelConfig is."""
+    if not overrides:
+        return cfg
+    try:
+        return cfg.replace(**overrides)
+    except ConfigError as e:
+        given = " ".join(f"--set {k}={_show(v)}" for k, v in overrides.items())
+        raise ConfigError(f"{given}: {e}") from None
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(_show, value))
+    return str(value)
+
+
+def format_override(key: str, value) -> str:
+    """`key=value` as --set takes it."""
+    return f"{key}={_show(value)}"
+
+
+def read_model_config(path: str | Path) -> tuple["ModelConfig", dict[str, Any]]:
+    """A whole model config from a JSON file as ModelConfig.to_dict writes it: (config, the file's fields).
+    Every field is checked as --set checks it; missing required fields and unknown ones are refused."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist" if not path.exists() else f"--config {path} is not a file")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path} must hold a JSON object of ModelConfig fields")
+    values = {k: field_value(k, v, where=f"--config {path}: {k}={json.dumps(v)}", text=False) for k, v in raw.items()}
+    required = [f.name for f in dataclasses.fields(ModelConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ConfigError(f"--config {path} lacks the required fields {', '.join(missing)}")
+    try:
+        cfg = ModelConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+    return cfg, cfg.to_dict()
 
 
 def _family(size: str, L: int, d: int, heads: int, ffn: int, vocab: int, seq: int, **kw) -> dict[str, ModelConfig]:

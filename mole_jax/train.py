@@ -29,12 +29,12 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mole_jax import checkpoint, data, sharding
-from mole_jax.config import TRAINABLE, ModelConfig, MoleError, TrainConfig
+from mole_jax.config import TRAINABLE, ModelConfig, MoleError, TrainConfig, format_override
 from mole_jax.evaluation import Evaluator, evaluate  # evaluate: README's `from mole_jax.train import train, evaluate`
-from mole_jax.train_step import ShardedStep, TrainState, choose_dedup_rows
+from mole_jax.train_step import ShardedStep, TrainState, choose_dedup_rows, train_flops_per_token
 
-__all__ = ["train", "evaluate", "run_model", "RunResult", "initialize_distributed", "RUN_CONTROL",
-           "IMPLEMENTATION"]
+__all__ = ["train", "evaluate", "run_model", "run_overrides", "RunResult", "initialize_distributed",
+           "RUN_CONTROL", "IMPLEMENTATION", "NOMINAL_BF16_PEAK", "nominal_peak", "peak_flops"]
 
 # TrainConfig fields that may change when a run is resumed: they steer the loop, not the trajectory. `steps` only
 # says where the run stops: the learning-rate schedule spans `schedule_steps`, fixed when the run starts.
@@ -42,6 +42,11 @@ RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "ev
                "remat")
 # ModelConfig fields that choose an implementation, not parameters: a run may resume on other hardware with others.
 IMPLEMENTATION = ("dtype", "moe_impl", "attention_impl")
+# Nominal dense bf16 peak per device (FLOP/s), from the vendors' data sheets, matched in this order against a
+# substring of jax's device_kind: the denominator of MFU on GPU/TPU.
+NOMINAL_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+                     ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
+                     ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12)]
 
 
 # Multi-host -----------------------------------------------------------------------------------------------------
@@ -86,7 +91,13 @@ def _checked_mesh(cfg: ModelConfig, tc: TrainConfig, devices: int | None) -> Mes
     return mesh
 
 
-def _previous_run(out: Path, cfg: ModelConfig, tc: TrainConfig, preset: str | None) -> dict[str, Any]:
+def _as_json(value):
+    """As run.json holds it (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _previous_run(out: Path, cfg: ModelConfig, tc: TrainConfig, preset: str | None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """run.json of the run already in `out` ({} for a new run), once it is known to be this same run."""
     if out.exists() and not out.is_dir():
         raise MoleError(f"--out {out} is a file")
@@ -95,9 +106,9 @@ def _previous_run(out: Path, cfg: ModelConfig, tc: TrainConfig, preset: str | No
         raise MoleError(f"{out} exists and is not a mole-jax run directory: choose another --out")
     if previous:
         if "train_config" in previous:
-            _check_resumable(out, previous, cfg, tc, preset)
+            _check_resumable(out, previous, cfg, tc, preset, overrides)
         elif "upcycled_from" in previous:  # not trained yet: it starts from its step-0 parameters (upcycling.py)
-            _check_same_model(out, previous, cfg, preset)
+            _check_same_model(out, previous, cfg, preset, overrides)
         else:
             raise MoleError(f"{out} holds a run that was not trained here (an import): choose another --out")
     return previous
@@ -112,14 +123,22 @@ def run_model(out: str | Path) -> tuple[ModelConfig, str | None]:
     return ModelConfig.from_dict(run["model_config"]), run.get("preset")
 
 
+def run_overrides(out: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The `--set` overrides and the `--config` file that the run in `out` was started with ({} and None if none)."""
+    out = Path(out).expanduser().absolute()
+    run = checkpoint.read_run(out) if out.is_dir() else {}
+    return dict(run.get("overrides") or {}), run.get("config_file")
+
+
 def _differences(old: dict, new: dict, ignore=()) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in ignore and old.get(k) != new.get(k)]
 
 
-def _check_resumable(out: Path, run: dict, cfg: ModelConfig, tc: TrainConfig, preset: str | None) -> None:
+def _check_resumable(out: Path, run: dict, cfg: ModelConfig, tc: TrainConfig, preset: str | None,
+                     overrides: dict[str, Any] | None) -> None:
     """An existing OUT may only be continued by the same run: same model, same optimisation and data settings."""
-    _check_same_model(out, run, cfg, preset)
+    _check_same_model(out, run, cfg, preset, overrides)
     old = run.get("train_config", {})
     diff = _differences(old, tc.to_dict(), RUN_CONTROL + ("schedule_steps",))
     if diff:
@@ -132,12 +151,59 @@ def _check_resumable(out: Path, run: dict, cfg: ModelConfig, tc: TrainConfig, pr
                         "another --out")
 
 
-def _check_same_model(out: Path, run: dict, cfg: ModelConfig, preset: str | None) -> None:
+def _check_same_model(out: Path, run: dict, cfg: ModelConfig, preset: str | None,
+                      overrides: dict[str, Any] | None = None) -> None:
     if preset and run.get("preset") and run["preset"] != preset:
         raise MoleError(f"{out} holds a run of preset {run['preset']}, not {preset}: choose another --out")
+    if overrides is not None:  # an override the run had and this command lacks (or changes): named as such
+        old_set, new_set = run.get("overrides") or {}, _as_json(overrides)
+        old_model, new_model = run.get("model_config", {}), cfg.to_dict()
+        for key in sorted(set(old_set) | set(new_set)):
+            if key in IMPLEMENTATION or old_set.get(key) == new_set.get(key):
+                continue
+            if old_model.get(key) != new_model.get(key):
+                def given(o: dict, model: dict) -> str:
+                    return (f"--set {format_override(key, o[key])}" if key in o else
+                            f"no --set {key} ({format_override(key, model.get(key))})")
+                raise MoleError(f"{out} holds a run started with {given(old_set, old_model)}; this command gives "
+                                f"{given(new_set, new_model)}: resume with the run's overrides or choose another "
+                                "--out")
     diff = _differences(run.get("model_config", {}), cfg.to_dict(), IMPLEMENTATION)
     if diff:
         raise MoleError(f"{out} holds a run of another model ({'; '.join(diff)}): choose another --out")
+
+
+def nominal_peak(device_kind: str) -> float | None:
+    """The nominal dense bf16 peak (FLOP/s) of one device of this kind, None for a kind not in the table."""
+    kind = device_kind.lower()
+    return next((peak for name, peak in NOMINAL_BF16_PEAK if name.lower() in kind), None)
+
+
+def peak_flops(devices: int, peak_tflops: float | None = None) -> dict[str, Any]:
+    """What MFU divides by, as run.json records it: `flops_per_s` (the whole run's peak; None: no MFU),
+    `flops_per_s_per_device`, `device_kind`, `source`. peak_tflops: one device's peak in TFLOP/s, given by the user;
+    else the nominal bf16 peak of a GPU/TPU (NOMINAL_BF16_PEAK), or on CPU float32 matmuls measured now
+    (bench.tools.matmul_peak_flops): the host's devices share its cores, so the host's measured rate is the peak
+    of its devices together (times the processes, one per host)."""
+    dev = jax.local_devices()[0]
+    kind = getattr(dev, "device_kind", str(dev))
+    record: dict[str, Any] = {"device_kind": kind, "devices": devices}
+    if peak_tflops is not None:
+        per_device = peak_tflops * 1e12
+        record.update(source="--peak-tflops", flops_per_s_per_device=per_device, flops_per_s=per_device * devices)
+    elif jax.default_backend() == "cpu":
+        from mole_jax.bench.tools import matmul_peak_flops  # numpy and jax only
+
+        measured = matmul_peak_flops("float32")
+        total = measured * jax.process_count()
+        record.update(source="measured float32 matmul (bench.tools.matmul_peak_flops)",
+                      measured_flops_per_s=measured, flops_per_s_per_device=total / devices, flops_per_s=total)
+    else:
+        per_device = nominal_peak(kind)
+        record.update(source=f"nominal bf16 peak of {kind}" if per_device else
+                      f"no nominal peak known for {kind}: give --peak-tflops for MFU",
+                      flops_per_s_per_device=per_device, flops_per_s=per_device * devices if per_device else None)
+    return record
 
 
 def _fixed_schedule(tc: TrainConfig) -> TrainConfig:
@@ -166,6 +232,15 @@ class _Run:
     val_windows: np.ndarray  # every validation window (each evaluation scores the first eval_batches of them)
     dedup: dict[str, Any]  # choose_dedup_rows's choice, recorded in run.json; rows 0: dedup off
     lead: bool  # process 0: it writes the run directory's files
+    peak: dict[str, Any] = dataclasses.field(default_factory=dict)  # peak_flops's record: what MFU divides by
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --set, as run.json records them
+    config_file: dict[str, Any] | None = None  # --config: {"path", "model_config"}
+
+    @property
+    def flops_per_token(self) -> float:
+        """The model's matmul FLOPs per training token (train_step.train_flops_per_token: every MoLE expert on
+        every token, MoE's top_k; what dedup saves and remat recomputes are not counted), for TFLOP/s and MFU."""
+        return train_flops_per_token(self.cfg, self.tc.seq_len)
 
     @property
     def dedup_rows(self) -> int:
@@ -191,10 +266,14 @@ def _write_run_directory(run: _Run, previous: dict[str, Any], preset: str | None
     training windows' token counts."""
     run.out.mkdir(parents=True, exist_ok=True)
     record = {"format": checkpoint.FORMAT, "preset": preset or previous.get("preset"),
-              "model_config": run.cfg.to_dict(), "train_config": run.tc.to_dict(),
+              "model_config": run.cfg.to_dict(), "overrides": _as_json(run.overrides),
+              "params": run.cfg.param_counts(), "train_config": run.tc.to_dict(),
               "data": previous.get("data", run.corpus.description), "dedup": run.dedup, "devices": run.mesh.size,
               "processes": jax.process_count(), "val_windows": int(run.val_windows.size),
-              "train_windows": int(run.batches.windows.size)}
+              "train_windows": int(run.batches.windows.size), "flops_per_token": run.flops_per_token,
+              "peak": run.peak}
+    if run.config_file is not None:
+        record["config_file"] = run.config_file
     if "upcycled_from" in previous:  # where the run's starting parameters came from (upcycling.py)
         record["upcycled_from"] = previous["upcycled_from"]
     checkpoint.write_json_atomic(run.out / checkpoint.RUN_FILE, record)
@@ -222,13 +301,19 @@ class RunResult:
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, data_source=None, tokenizer=None,
           devices: int | None = None, preset: str | None = None, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None) -> RunResult:
+          on_step: Callable[[int, dict], None] | None = None, overrides: dict[str, Any] | None = None,
+          config_file: dict[str, Any] | None = None, peak_tflops: float | None = None) -> RunResult:
     """Train `model_cfg` with `train_cfg` into the run directory `out`, or continue the run already there.
 
     data_source: None / "default" (the embedded corpus), text file(s) or directory, a .bin token file, or
         "hf:NAME" (see data.py). tokenizer: a tokenizer.json path or `tokenizers.Tokenizer`; default: the run's
         own tokenizer.json when resuming, else a byte-level BPE trained on the text with the model's vocab size.
     devices: how many devices to use (default: all). preset: the preset's name, recorded in run.json.
+    overrides: the ModelConfig fields given on top of the preset or config file (`--set`, already applied to
+        `model_cfg`), and config_file: {"path", "model_config"} of `--config`; both recorded in run.json. A resume
+        that lacks or changes an override of the run is refused naming it. None: the run's own records are kept.
+    peak_tflops: one device's peak in TFLOP/s for MFU (default: the nominal bf16 peak of a known GPU/TPU, on CPU a
+        float32 matmul rate measured at the start); `tflops` and `mfu` are in every metrics record.
     on_step(step, metrics): called on every process after each step's metrics are read (one step late).
     Rerunning the same call on the same `out` resumes from the latest checkpoint; the batches are a pure function
     of (seed, step), so the resumed run is the uninterrupted run. `steps` may change on resume; the learning-rate
@@ -236,9 +321,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     change it is refused. Bad input raises MoleError before anything is written.
     """
     cfg, out = model_cfg, Path(out).expanduser().absolute()
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        raise MoleError(f"--peak-tflops must be a positive number, got {peak_tflops}")
     mesh = _checked_mesh(cfg, train_cfg, devices)
     tc = _fixed_schedule(train_cfg)
-    previous = _previous_run(out, cfg, tc, preset)
+    previous = _previous_run(out, cfg, tc, preset, overrides)
     if previous:  # resuming: the run's own tokenizer and data (an upcycle's: its Dense run's) unless told otherwise
         if tokenizer is None and (out / checkpoint.TOKENIZER).is_file():
             tokenizer = out / checkpoint.TOKENIZER
@@ -252,6 +339,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     if "data" in previous:
         _check_same_data(out, previous, corpus.description)
     run = _open_run(cfg, tc, out, mesh, corpus)
+    run.overrides = overrides if overrides is not None else dict(previous.get("overrides") or {})
+    run.config_file = config_file if config_file is not None else previous.get("config_file")
+    run.peak = peak_flops(mesh.size, peak_tflops)
     if run.lead:
         _write_run_directory(run, previous, preset)
     mngr = checkpoint.manager(out / checkpoint.CHECKPOINTS, max_to_keep=tc.keep_checkpoints,
@@ -297,6 +387,7 @@ class _MetricsLog:
     def __init__(self, run: _Run, mngr: ocp.CheckpointManager, start: int, *, progress: bool):
         self.run, self.mngr = run, mngr
         self.tokens_per_step = run.tc.batch_size * run.tc.seq_len
+        self.flops_per_token, self.peak = run.flops_per_token, run.peak.get("flops_per_s")
         self.bar = (tqdm(total=run.tc.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
                     if progress and run.lead else None)
         self.file = open(run.out / checkpoint.METRICS, "a") if run.lead else None
@@ -308,6 +399,10 @@ class _MetricsLog:
         now = time.perf_counter()
         values["tokens_per_s"] = self.tokens_per_step * (step - self.clock_step) / max(now - self.clock_time, 1e-9)
         self.clock_step, self.clock_time = step, now
+        flops_per_s = self.flops_per_token * values["tokens_per_s"]  # the model's FLOPs, achieved
+        values["tflops"] = flops_per_s / 1e12
+        if self.peak:
+            values["mfu"] = flops_per_s / self.peak
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             self.mngr.wait_until_finished()
@@ -315,7 +410,10 @@ class _MetricsLog:
                             f"checkpoint is step {self.mngr.latest_step() or 'none'} in {self.run.out}")
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+            shown = {"loss": f"{values['loss']:.4f}", "tok_s": f"{values['tokens_per_s']:.0f}"}
+            shown.update({"mfu": f"{values['mfu']:.1%}"} if "mfu" in values else
+                         {"tflops": f"{values['tflops']:.3g}"})
+            self.bar.set_postfix(shown, refresh=False)
         return values
 
     def write(self, step: int, values: dict[str, float], **extra) -> None:

@@ -175,6 +175,14 @@ def test_flops_count_matches_paper_sized_ratio():
     assert abs(fd - (6 * n + 3 * 4 * 256 * dense.d_model * dense.num_layers)) / fd < 0.01  # 6N + attention
 
 
+def test_nominal_peaks_by_device_kind():
+    assert train.nominal_peak("NVIDIA H100 80GB HBM3") == 989e12 and train.nominal_peak("NVIDIA H200") == 989e12
+    assert train.nominal_peak("NVIDIA H100 PCIe") == 756e12 and train.nominal_peak("NVIDIA A100-SXM4-40GB") == 312e12
+    assert train.nominal_peak("TPU v4") == 275e12 and train.nominal_peak("TPU v5 lite") == 197e12
+    assert train.nominal_peak("TPU v5p") == 459e12 and train.nominal_peak("TPU v6 lite") == 918e12
+    assert train.nominal_peak("cpu") is None and train.nominal_peak("Some New Chip") is None
+
+
 # Resume -------------------------------------------------------------------------------------------------------
 _CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
@@ -325,9 +333,9 @@ def cli_run(tmp_path_factory):
 def test_loss_falls_on_the_default_corpus(cli_run):
     out, _, r = cli_run
     assert "trained tiny-mole to step 120" in r.stdout
-    assert "loss=" in r.stderr and "tok_s=" in r.stderr  # the progress bar
+    assert "loss=" in r.stderr and "tok_s=" in r.stderr and "mfu=" in r.stderr  # the progress bar
     lines = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
-    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "unique_fraction"} <= set(lines[0])
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "unique_fraction", "tflops", "mfu"} <= set(lines[0])
     assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in lines)
     val = [r["val_loss"] for r in lines if "val_loss" in r]
     assert len(val) == 3 and val[0] > val[1] > val[2]
@@ -337,6 +345,33 @@ def test_loss_falls_on_the_default_corpus(cli_run):
     assert run["data"]["kind"] == "default" and run["preset"] == "tiny-mole" and run["dedup"]["rows"] > 0
     assert (out / checkpoint.TOKENIZER).is_file()
     assert sorted(int(p.name) for p in (out / checkpoint.CHECKPOINTS).iterdir()) == [60, 120]
+
+
+def test_tflops_and_mfu_in_every_record(cli_run, tmp_path, text_data):
+    """tflops = the model's FLOPs per token x tokens/s; mfu = that / the peak: on CPU a float32 matmul rate measured
+    at the start (recorded in run.json), or one device's --peak-tflops."""
+    out, _, _ = cli_run
+    run = json.loads((out / checkpoint.RUN_FILE).read_text())
+    peak = run["peak"]
+    assert peak["source"].startswith("measured") and peak["flops_per_s"] == peak["measured_flops_per_s"] > 0
+    assert run["flops_per_token"] == train_flops_per_token(get_preset("tiny-mole"), 64)
+    lines = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
+    for r in lines:
+        assert r["tflops"] > 0 and 0 < r["mfu"] < 1.5, r
+        np.testing.assert_allclose(r["tflops"] * 1e12, run["flops_per_token"] * r["tokens_per_s"], rtol=1e-9)
+        np.testing.assert_allclose(r["mfu"] * peak["flops_per_s"], r["tflops"] * 1e12, rtol=1e-9)
+
+    tc = dataclasses.replace(TC, steps=3, eval_every=0, checkpoint_every=3)
+    result = _train(tmp_path / "peak", text_data, tc=tc, devices=1, peak_tflops=1000)
+    run = json.loads((tmp_path / "peak" / checkpoint.RUN_FILE).read_text())
+    assert run["peak"]["source"] == "--peak-tflops" and run["peak"]["flops_per_s"] == 1000e12
+    assert [r["step"] for r in result.history] == [1, 2, 3]
+    for r in result.history:
+        assert r["tflops"] > 0
+        np.testing.assert_allclose(r["mfu"] * 1000, r["tflops"], rtol=1e-9)
+    with pytest.raises(MoleError, match="--peak-tflops must be a positive number"):
+        _train(tmp_path / "bad", text_data, tc=tc, peak_tflops=-1.0)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eval_cli_and_load(cli_run, tmp_path):

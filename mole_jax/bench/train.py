@@ -11,12 +11,17 @@ import jax
 
 from mole_jax import data, sharding
 from mole_jax.bench.tools import block, machine, matmul_peak_flops, median, print_table, write_json
-from mole_jax.config import MoleError, ModelConfig, TrainConfig, get_preset
+from mole_jax.config import MoleError, ModelConfig, TrainConfig, apply_overrides, get_preset
 from mole_jax.train_step import ShardedStep, choose_dedup_rows, train_flops_per_token
+
+# --set fields that only the MoLE variants take: Dense has no routed experts.
+EXPERT_FIELDS = ("num_experts", "expert_dim", "top_k")
+
 
 def bench_train(preset_size: str = "small", *, tokens_per_step: Sequence[int] = (4096, 16384, 65536),
                 seq_len: int = 256, micro_tokens: int = 16384, iters: int = 3, dtype: str = "auto",
-                devices: int | None = None, json_path: str | Path | None = None) -> list[dict[str, Any]]:
+                devices: int | None = None, json_path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train-step time of {size}-dense, {size}-mole with dedup and {size}-mole without (equal activated size),
     side by side in one run, at several tokens per step (micro-batches of at most `micro_tokens`, accumulated).
     Every variant is the jitted, sharded, donated step that training runs (train_step.ShardedStep) on windows of
@@ -24,10 +29,15 @@ def bench_train(preset_size: str = "small", *, tokens_per_step: Sequence[int] = 
     are timed in turn, round-robin, `iters` times after a warmup, so that a machine whose load drifts slows them
     alike; the row holds the median. Achieved FLOP/s count the model's matmuls analytically
     (train_step.train_flops_per_token; with dedup the experts on the rows they actually run on), against a matmul
-    peak measured in the same run."""
+    peak measured in the same run. overrides: ModelConfig fields (`--set`, config.parse_overrides) applied to both
+    presets, except EXPERT_FIELDS, which only the MoLE variants take."""
+    overrides = dict(overrides or {})
     if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    dense, mole = (get_preset(f"{preset_size}-{k}").replace(dtype=dtype) for k in ("dense", "mole"))
+        dtype = overrides.get("dtype") or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    overrides["dtype"] = dtype
+    dense = apply_overrides(get_preset(f"{preset_size}-dense"),
+                            {k: v for k, v in overrides.items() if k not in EXPERT_FIELDS})
+    mole = apply_overrides(get_preset(f"{preset_size}-mole"), overrides)
     if seq_len > mole.max_seq_len:
         raise MoleError(f"sequence length {seq_len} exceeds the model's maximum of {mole.max_seq_len}")
     mesh = sharding.make_mesh(devices)
@@ -51,7 +61,7 @@ def bench_train(preset_size: str = "small", *, tokens_per_step: Sequence[int] = 
     for r in rows:
         base = next(d for d in rows if d["model"] == "dense" and d["tokens_per_step"] == r["tokens_per_step"])
         r["step_time_vs_dense"] = r["step_ms"] / base["step_ms"]
-    info = machine()
+    info = {**machine(), "overrides": {k: v for k, v in overrides.items() if k != "dtype"}}
     _print_report(rows, tokens_per_step, f"{preset_size}-dense vs {preset_size}-mole, {dtype}, seq_len {seq_len}, "
                   f"{info['device_count']} x {info['device']} (host: {info['host_cpu']}, {info['host_cores']} "
                   f"cores); matmul peak {peak / 1e9:.1f} GFLOP/s")
