@@ -73,7 +73,7 @@ def _table(lut_dir: Path, run: Path, dtype: str, params, progress: bool) -> lut.
 
 def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", steps: int = 120, batch_size: int = 16,
         seq_len: int = 128, table_dtype: str = "float16", placement: str = "storage", prompt: str = PROMPT,
-        max_new_tokens: int = 40, timing_steps: int = 32, progress: bool = True) -> dict:
+        max_new_tokens: int = 40, timing_steps: int = 128, progress: bool = True) -> dict:
     out = Path(out).expanduser().absolute()
     mole_cfg = get_preset(preset)
     dense_name = _dense_preset(preset)
