@@ -386,7 +386,8 @@ def _cmd_train(args):
         overrides["dtype"] = dtype
     result = train_mod.train(cfg, tc, out=args.out, data_source=args.data, tokenizer=args.tokenizer,
                              devices=args.devices, preset=args.preset, progress=not args.no_progress,
-                             overrides=overrides, config_file=config_file, peak_tflops=args.peak_tflops)
+                             overrides=overrides, config_file=config_file, peak_tflops=args.peak_tflops,
+                             tensorboard=False if args.no_tensorboard else args.tensorboard)
     if jax.process_index() == 0:
         val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         loss = f": loss {result.loss:.4f}{val}" if result.loss is not None else " (already complete)"
@@ -443,6 +444,11 @@ def _add_train(sub):
     p.add_argument("--peak-tflops", type=float,
                    help="one device's peak TFLOP/s for MFU in metrics.jsonl (default: the nominal bf16 peak of a "
                         "known GPU/TPU; on CPU a float32 matmul rate measured at the start)")
+    events = p.add_mutually_exclusive_group()
+    events.add_argument("--tensorboard", metavar="DIR",
+                        help="write TensorBoard event files of every metrics record here (default: OUT/tensorboard "
+                             "when tensorboardX is installed: pip install 'mole-jax[tensorboard]')")
+    events.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")

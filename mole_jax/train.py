@@ -34,7 +34,7 @@ from mole_jax.evaluation import Evaluator, evaluate  # evaluate: README's `from 
 from mole_jax.train_step import ShardedStep, TrainState, choose_dedup_rows, train_flops_per_token
 
 __all__ = ["train", "evaluate", "run_model", "run_overrides", "RunResult", "initialize_distributed",
-           "RUN_CONTROL", "IMPLEMENTATION", "NOMINAL_BF16_PEAK", "nominal_peak", "peak_flops"]
+           "RUN_CONTROL", "IMPLEMENTATION", "NOMINAL_BF16_PEAK", "nominal_peak", "peak_flops", "TENSORBOARD"]
 
 # TrainConfig fields that may change when a run is resumed: they steer the loop, not the trajectory. `steps` only
 # says where the run stops: the learning-rate schedule spans `schedule_steps`, fixed when the run starts.
@@ -42,6 +42,8 @@ RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "ev
                "remat")
 # ModelConfig fields that choose an implementation, not parameters: a run may resume on other hardware with others.
 IMPLEMENTATION = ("dtype", "moe_impl", "attention_impl")
+# TensorBoard event files of a run, by default (tensorboardX, the `tensorboard` extra): OUT/tensorboard.
+TENSORBOARD = "tensorboard"
 # Nominal dense bf16 peak per device (FLOP/s), from the vendors' data sheets, matched in this order against a
 # substring of jax's device_kind: the denominator of MFU on GPU/TPU.
 NOMINAL_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
@@ -206,6 +208,26 @@ def peak_flops(devices: int, peak_tflops: float | None = None) -> dict[str, Any]
     return record
 
 
+def _tensorboard_dir(out: Path, tensorboard: str | Path | bool | None) -> Path | None:
+    """Where the run's TensorBoard event files go. None: OUT/tensorboard when tensorboardX is installed, else
+    none; False: none; True: OUT/tensorboard; a path: there (True and a path need tensorboardX)."""
+    if tensorboard is False:
+        return None
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        if tensorboard is None:
+            return None
+        raise MoleError("TensorBoard event files need tensorboardX: pip install 'mole-jax[tensorboard]', or "
+                        "pass --no-tensorboard") from None
+    if tensorboard is None or tensorboard is True:
+        return out / TENSORBOARD
+    where = Path(tensorboard).expanduser().absolute()
+    if where.exists() and not where.is_dir():
+        raise MoleError(f"--tensorboard {where} is a file")
+    return where
+
+
 def _fixed_schedule(tc: TrainConfig) -> TrainConfig:
     """The config with its schedule's horizon written out (None: the run's steps), as run.json records it."""
     return dataclasses.replace(tc, schedule_steps=tc.schedule_steps or tc.steps)
@@ -235,6 +257,7 @@ class _Run:
     peak: dict[str, Any] = dataclasses.field(default_factory=dict)  # peak_flops's record: what MFU divides by
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --set, as run.json records them
     config_file: dict[str, Any] | None = None  # --config: {"path", "model_config"}
+    tensorboard: Path | None = None  # the event files' directory (None: none)
 
     @property
     def flops_per_token(self) -> float:
@@ -302,7 +325,8 @@ class RunResult:
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, data_source=None, tokenizer=None,
           devices: int | None = None, preset: str | None = None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None, overrides: dict[str, Any] | None = None,
-          config_file: dict[str, Any] | None = None, peak_tflops: float | None = None) -> RunResult:
+          config_file: dict[str, Any] | None = None, peak_tflops: float | None = None,
+          tensorboard: str | Path | bool | None = None) -> RunResult:
     """Train `model_cfg` with `train_cfg` into the run directory `out`, or continue the run already there.
 
     data_source: None / "default" (the embedded corpus), text file(s) or directory, a .bin token file, or
@@ -314,6 +338,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
         that lacks or changes an override of the run is refused naming it. None: the run's own records are kept.
     peak_tflops: one device's peak in TFLOP/s for MFU (default: the nominal bf16 peak of a known GPU/TPU, on CPU a
         float32 matmul rate measured at the start); `tflops` and `mfu` are in every metrics record.
+    tensorboard: where process 0 writes TensorBoard event files of every metrics record (tensorboardX): None
+        (default) OUT/tensorboard when tensorboardX is installed, True OUT/tensorboard, a directory, False none.
     on_step(step, metrics): called on every process after each step's metrics are read (one step late).
     Rerunning the same call on the same `out` resumes from the latest checkpoint; the batches are a pure function
     of (seed, step), so the resumed run is the uninterrupted run. `steps` may change on resume; the learning-rate
@@ -323,6 +349,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     cfg, out = model_cfg, Path(out).expanduser().absolute()
     if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
         raise MoleError(f"--peak-tflops must be a positive number, got {peak_tflops}")
+    tensorboard_dir = _tensorboard_dir(out, tensorboard)
     mesh = _checked_mesh(cfg, train_cfg, devices)
     tc = _fixed_schedule(train_cfg)
     previous = _previous_run(out, cfg, tc, preset, overrides)
@@ -342,6 +369,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     run.overrides = overrides if overrides is not None else dict(previous.get("overrides") or {})
     run.config_file = config_file if config_file is not None else previous.get("config_file")
     run.peak = peak_flops(mesh.size, peak_tflops)
+    run.tensorboard = tensorboard_dir
     if run.lead:
         _write_run_directory(run, previous, preset)
     mngr = checkpoint.manager(out / checkpoint.CHECKPOINTS, max_to_keep=tc.keep_checkpoints,
@@ -391,6 +419,11 @@ class _MetricsLog:
         self.bar = (tqdm(total=run.tc.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
                     if progress and run.lead else None)
         self.file = open(run.out / checkpoint.METRICS, "a") if run.lead else None
+        self.events = None  # TensorBoard: the steps after `start` replace any the directory holds (purge_step)
+        if run.lead and run.tensorboard is not None:
+            from tensorboardX import SummaryWriter
+
+            self.events = SummaryWriter(logdir=str(run.tensorboard), purge_step=start + 1)
         self.history: list[dict[str, Any]] = []
         self.clock_step, self.clock_time = start, time.perf_counter()  # throughput is measured between reads
 
@@ -422,6 +455,11 @@ class _MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.events is not None:  # every scalar of the record, at its step
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.events.add_scalar(key, value, step)
+            self.events.flush()
 
     def restart_clock(self) -> None:
         """After evaluating or saving: neither is training throughput."""
@@ -432,6 +470,8 @@ class _MetricsLog:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.events is not None:
+            self.events.close()
 
 
 class _Loop:

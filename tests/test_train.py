@@ -49,6 +49,56 @@ def _train(out, text_data, *, tc=TC, preset="tiny-mole", **kw):
                        preset=preset, progress=False, **kw)
 
 
+def _event_files(directory: Path) -> list:
+    """The events of each TensorBoard event file in `directory`, the files in the order they were started. Read
+    from the TFRecord framing (length, crc, data, crc) with tensorboardX's Event protobuf."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    files = []
+    for path in directory.glob("events.out.tfevents.*"):
+        raw, events = path.read_bytes(), []
+        while raw:
+            (n,) = struct.unpack("<Q", raw[:8])
+            events.append(event_pb2.Event.FromString(raw[12:12 + n]))
+            raw = raw[12 + n + 4:]
+        files.append(events)
+    return sorted(files, key=lambda e: e[0].wall_time)
+
+
+def _events(directory: Path) -> dict[str, dict[int, float]]:
+    """The scalars of TensorBoard event files as TensorBoard shows them: {tag: {step: value}}, the files read in
+    the order they were started, a SessionLog START at step s (a writer's purge_step) dropping the steps >= s
+    before it."""
+    scalars: dict[str, dict[int, float]] = {}
+    for events in _event_files(directory):
+        for e in events:
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START:
+                for steps in scalars.values():
+                    for s in [s for s in steps if s >= e.step]:
+                        del steps[s]
+            for v in e.summary.value:
+                scalars.setdefault(v.tag, {})[e.step] = v.simple_value
+    return scalars
+
+
+def _check_events(out: Path, directory: Path | None = None) -> None:
+    """The event files hold every scalar of every metrics.jsonl record at its step, and nothing else."""
+    lines = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
+    want: dict[str, dict[int, float]] = {}
+    for r in lines:
+        for k, v in r.items():
+            if k != "step":
+                want.setdefault(k, {})[r["step"]] = v
+    got = _events(directory or out / train.TENSORBOARD)
+    assert sorted(got) == sorted(want)
+    for tag in want:
+        assert sorted(got[tag]) == sorted(want[tag]), tag
+        np.testing.assert_allclose([got[tag][s] for s in sorted(want[tag])],
+                                   [want[tag][s] for s in sorted(want[tag])], rtol=1e-6, err_msg=tag)
+
+
 def _losses(result_or_path) -> dict[int, float]:
     path = Path(result_or_path) / checkpoint.METRICS
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
@@ -228,6 +278,13 @@ def test_crash_and_resume_equals_uninterrupted(tmp_path, text_data):
     lines = [json.loads(x) for x in (tmp_path / "crashed" / checkpoint.METRICS).read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 41))  # the killed run's steps 21-27 were replaced
     np.testing.assert_allclose([r["loss"] for r in lines], [r["loss"] for r in reference.history], rtol=1e-6)
+    # TensorBoard: two writers' files; the resumed one starts with a purge at step 21, so that its steps 21-40
+    # replace the killed one's 21-26 or more, and holds only steps 21-40
+    killed, resumed = _event_files(tmp_path / "crashed" / train.TENSORBOARD)
+    assert max(e.step for e in killed if e.summary.value) >= 26
+    purges = [e.step for e in resumed if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert purges == [21] and {e.step for e in resumed if e.summary.value} == set(range(21, 41))
+    _check_events(tmp_path / "crashed")
 
 
 class _Stop(Exception):
@@ -345,6 +402,7 @@ def test_loss_falls_on_the_default_corpus(cli_run):
     assert run["data"]["kind"] == "default" and run["preset"] == "tiny-mole" and run["dedup"]["rows"] > 0
     assert (out / checkpoint.TOKENIZER).is_file()
     assert sorted(int(p.name) for p in (out / checkpoint.CHECKPOINTS).iterdir()) == [60, 120]
+    _check_events(out)  # OUT/tensorboard by default (tensorboardX is in the dev extra)
 
 
 def test_tflops_and_mfu_in_every_record(cli_run, tmp_path, text_data):
@@ -369,6 +427,11 @@ def test_tflops_and_mfu_in_every_record(cli_run, tmp_path, text_data):
     for r in result.history:
         assert r["tflops"] > 0
         np.testing.assert_allclose(r["mfu"] * 1000, r["tflops"], rtol=1e-9)
+    _check_events(tmp_path / "peak")
+    _train(tmp_path / "elsewhere", text_data, tc=tc, devices=1, tensorboard=tmp_path / "events")
+    _check_events(tmp_path / "elsewhere", tmp_path / "events")
+    _train(tmp_path / "none", text_data, tc=tc, devices=1, tensorboard=False)
+    assert not (tmp_path / "none" / train.TENSORBOARD).exists()
     with pytest.raises(MoleError, match="--peak-tflops must be a positive number"):
         _train(tmp_path / "bad", text_data, tc=tc, peak_tflops=-1.0)
     assert not (tmp_path / "bad").exists()
