@@ -57,12 +57,8 @@ from mole_jax.config import REMAT_POLICIES, ModelConfig, TrainConfig, get_preset
 from mole_jax.convert import convert_to_lut, flops_per_row
 from mole_jax.model import init_params
 from mole_jax.row_sources import in_program_slices_compile
-from mole_jax.train_step import ShardedStep, choose_dedup_rows, train_flops_per_token
+from mole_jax.train_step import ShardedStep, choose_dedup_rows, nominal_peak, train_flops_per_token
 
-# Nominal dense bf16 peak per device (FLOP/s), from the vendors' data sheets; matched against jax's device_kind.
-NOMINAL_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-                     ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
-                     ("TPU v5", 197e12), ("TPU v4", 275e12)]
 TRAIN_VARIANTS = ("dense", "mole-dedup", "moe", "mole-plain")
 # Last, if the budget allows: the MoE implementations "auto" did not pick, to check its choice on this backend.
 ACCELERATOR_ONLY_VARIANTS = ("moe-ragged", "moe-grouped", "moe-dense")
@@ -173,10 +169,6 @@ def run_piece(name: str, estimate_s: float, budget: Budget, results: Results, fn
 
 
 # The device ------------------------------------------------------------------------------------------------------
-def nominal_peak(device_kind: str) -> float | None:
-    return next((peak for name, peak in NOMINAL_BF16_PEAK if name.lower() in device_kind.lower()), None)
-
-
 def device_memory_bytes(dev) -> int | None:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     return (stats or {}).get("bytes_limit")

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from mole_jax import checkpoint, data, sharding
 from mole_jax.config import TRAINABLE, ModelConfig, MoleError, TrainConfig, format_override
 from mole_jax.evaluation import Evaluator, evaluate  # evaluate: README's `from mole_jax.train import train, evaluate`
-from mole_jax.train_step import ShardedStep, TrainState, choose_dedup_rows, train_flops_per_token
+from mole_jax.train_step import (NOMINAL_BF16_PEAK, ShardedStep, TrainState, choose_dedup_rows,
+                                 matmul_peak_flops, nominal_peak, train_flops_per_token)
 
 __all__ = ["train", "evaluate", "run_model", "run_overrides", "RunResult", "initialize_distributed",
            "RUN_CONTROL", "IMPLEMENTATION", "NOMINAL_BF16_PEAK", "nominal_peak", "peak_flops", "TENSORBOARD"]
@@ -44,11 +45,6 @@ RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "ev
 IMPLEMENTATION = ("dtype", "moe_impl", "attention_impl")
 # TensorBoard event files of a run, by default (tensorboardX, the `tensorboard` extra): OUT/tensorboard.
 TENSORBOARD = "tensorboard"
-# Nominal dense bf16 peak per device (FLOP/s), from the vendors' data sheets, matched in this order against a
-# substring of jax's device_kind: the denominator of MFU on GPU/TPU.
-NOMINAL_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-                     ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
-                     ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12)]
 
 
 # Multi-host -----------------------------------------------------------------------------------------------------
@@ -175,17 +171,11 @@ def _check_same_model(out: Path, run: dict, cfg: ModelConfig, preset: str | None
         raise MoleError(f"{out} holds a run of another model ({'; '.join(diff)}): choose another --out")
 
 
-def nominal_peak(device_kind: str) -> float | None:
-    """The nominal dense bf16 peak (FLOP/s) of one device of this kind, None for a kind not in the table."""
-    kind = device_kind.lower()
-    return next((peak for name, peak in NOMINAL_BF16_PEAK if name.lower() in kind), None)
-
-
 def peak_flops(devices: int, peak_tflops: float | None = None) -> dict[str, Any]:
     """What MFU divides by, as run.json records it: `flops_per_s` (the whole run's peak; None: no MFU),
     `flops_per_s_per_device`, `device_kind`, `source`. peak_tflops: one device's peak in TFLOP/s, given by the user;
     else the nominal bf16 peak of a GPU/TPU (NOMINAL_BF16_PEAK), or on CPU float32 matmuls measured now
-    (bench.tools.matmul_peak_flops): the host's devices share its cores, so the host's measured rate is the peak
+    (train_step.matmul_peak_flops): the host's devices share its cores, so the host's measured rate is the peak
     of its devices together (times the processes, one per host)."""
     dev = jax.local_devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
@@ -194,11 +184,9 @@ def peak_flops(devices: int, peak_tflops: float | None = None) -> dict[str, Any]
         per_device = peak_tflops * 1e12
         record.update(source="--peak-tflops", flops_per_s_per_device=per_device, flops_per_s=per_device * devices)
     elif jax.default_backend() == "cpu":
-        from mole_jax.bench.tools import matmul_peak_flops  # numpy and jax only
-
         measured = matmul_peak_flops("float32")
         total = measured * jax.process_count()
-        record.update(source="measured float32 matmul (bench.tools.matmul_peak_flops)",
+        record.update(source="measured float32 matmul (train_step.matmul_peak_flops)",
                       measured_flops_per_s=measured, flops_per_s_per_device=total / devices, flops_per_s=total)
     else:
         per_device = nominal_peak(kind)

@@ -15,6 +15,8 @@ policy (model.remat_block); prefill and decoding never rematerialise. See docs/t
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -338,3 +340,36 @@ def choose_dedup_rows(batches: data.Batches, num_micro: int, groups: int, vocab_
     return {"rows": 0 if rows >= tokens_M else rows, "unique_fraction": float(counts_S.mean()) / tokens_M,
             "max_unique": int(counts_S.max()), "unique_std": float(counts_S.std()), "tokens_per_share": tokens_M,
             "shares": groups}
+
+
+# The peak MFU divides by ---------------------------------------------------------------------------------------
+# Nominal dense bf16 peak per device (FLOP/s), from the vendors' data sheets, matched in this order against a
+# substring of jax's device_kind: the denominator of MFU on GPU/TPU.
+NOMINAL_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+                     ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
+                     ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12)]
+
+
+def nominal_peak(device_kind: str) -> float | None:
+    """The nominal dense bf16 peak (FLOP/s) of one device of this kind, None for a kind not in the table."""
+    kind = device_kind.lower()
+    return next((peak for name, peak in NOMINAL_BF16_PEAK if name.lower() in kind), None)
+
+
+def matmul_peak_flops(dtype: str = "float32", n: int | None = None, iters: int = 10) -> float:
+    """The machine's attainable matmul rate: FLOP/s of a jitted square [n, n] @ [n, n] (median of `iters`, after
+    two warm-up calls). The floor that training and conversion throughput are compared against on a backend
+    without a data sheet (CPU), measured in the same run."""
+    if n is None:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda a, b: a @ b)
+    for _ in range(2):
+        mm(a, b).block_until_ready()
+    secs = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        secs.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(secs)

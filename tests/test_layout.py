@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mole_jax"
-OPTIONAL_EXTRAS = ("lm_eval", "matplotlib", "datasets", "huggingface_hub", "torch")  # imported where used
+OPTIONAL_EXTRAS = ("lm_eval", "matplotlib", "datasets", "huggingface_hub", "torch", "tensorboardX")  # imported where used
 # docs/design.md: a module imports only from the layers above its own
 LAYERS = [["config", "corpus"], ["layers", "schemes", "data"], ["model", "sampling", "row_sources"],
           ["sharding", "checkpoint", "lut"], ["train_step", "lut_writer", "decoder"],

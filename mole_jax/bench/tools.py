@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mole_jax.row_sources import release_pages
+from mole_jax.train_step import matmul_peak_flops  # noqa: F401  (bench's peak: one function)
 
 
 def block(x):
@@ -40,18 +41,6 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10) -> li
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
-
-
-def matmul_peak_flops(dtype: str = "float32", n: int | None = None, iters: int = 10) -> float:
-    """The machine's attainable matmul rate: FLOP/s of a jitted square [n, n] @ [n, n] (median of `iters`).
-    The floor that training and conversion throughput are compared against, measured in the same run."""
-    if n is None:
-        n = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    mm = jax.jit(lambda a, b: a @ b)
-    secs = median(time_calls(lambda: mm(a, b), warmup=2, iters=iters))
-    return 2 * n ** 3 / secs
 
 
 def peak_rss_bytes() -> int:
