@@ -138,8 +138,8 @@ def _cgroup_cpu_quota() -> int | None:
 LONGEST_FIRST = ["test_decode.py", "test_train.py", "test_experiments.py", "test_convert.py", "test_notebooks.py",
                  "test_accelerator_paths.py", "test_model.py", "test_harness.py", "test_accelerator.py",
                  "test_upcycle.py", "test_integrity.py", "test_hf.py", "test_sampling.py", "test_quickstart.py",
-                 "test_lut.py", "test_overrides.py", "test_aux_losses.py", "test_indexed_data.py", "test_data.py", "test_layout.py",
-                 "test_entry_point.py", "test_binding.py"]
+                 "test_lut.py", "test_overrides.py", "test_aux_losses.py", "test_indexed_data.py", "test_data.py",
+                 "test_layout.py", "test_entry_point.py", "test_binding.py"]
 
 
 def pytest_collection_modifyitems(items):
