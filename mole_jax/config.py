@@ -190,21 +190,13 @@ def _coerce(hint, value, text: bool = True):
         if text and isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         raise _BadValue
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if hint in (int, float):  # JSON may give an int for a float field, never a float for an int one
+        accepted = (int,) if hint is int else (int, float)
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return hint(value)
         if text and isinstance(value, str):
             try:
-                return int(value.strip())
-            except ValueError:
-                raise _BadValue from None
-        raise _BadValue
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if text and isinstance(value, str):
-            try:
-                return float(value.strip())
+                return hint(value.strip())
             except ValueError:
                 raise _BadValue from None
         raise _BadValue
