@@ -1,23 +1,38 @@
-"""Experts -> table: MoLE's re-parameterisation, batched, sharded, resumable, verified.
+"""Experts -> table: MoLE's re-parameterisation, batched, sharded, resumable, verified, in memory bounded by one
+layer.
 
-`convert_to_lut(ckpt, lut_dir)` evaluates every routed expert of every layer on every vocabulary row
-(`model.Transformer.lut_rows`, in float32 whatever the training dtype) and streams the result into a table
-(lut.py) through the writer's shard pipeline (lut_writer.py). The vocabulary is cut into shards (the table's
-files); each device computes `batch_rows` rows per step, the steps are jitted once, the rows of a step are split
-over the local devices, and the quantisation runs on the devices too, so only stored bytes reach the host. The
-next step is dispatched before the previous step's rows are fetched and written, and Tensorstore writes are
-asynchronous, so compute, transfer and writing overlap.
+`convert_to_lut(ckpt, lut_dir)` evaluates every routed expert of every layer on every vocabulary row (the rows of
+`model.Transformer.lut_rows`, in float32 whatever the training dtype) and streams the result into a table
+(lut.py) through the writer (lut_writer.py). Nothing but the table's inputs is read from the checkpoint, and
+never all of them at once: the embedding once, then one layer's expert norm and experts at a time (Orbax partial
+restores of those leaves), the next layer read in a background thread while the current one computes.
+
+The vocabulary is cut into shards (the table's files); this process's shards are taken in passes of as many
+shards as `buffer_bytes` holds twice (one pass filled while the previous one is written). Within a pass, layer
+by layer, each device computes `batch_rows` rows per step with that layer's experts (one compiled program serves
+every layer: they all have the same shapes), quantises them on the device and only stored bytes reach the host,
+where they fill the pass's shards at that layer's index. The next step is dispatched before the previous step's
+rows are fetched. A full pass goes to a writer thread (lut_writer.BackgroundWriter: checksums and Tensorstore
+writes) while the next pass computes. Host memory is therefore the embedding, two layers' experts, one step's
+activations and `buffer_bytes`, whatever the number of layers, experts or rows; a pass reads every layer once,
+so fewer, larger passes read the checkpoint fewer times.
 
 Bit-identical whatever happens: `batch_rows` divides the shard size, so every device always computes an aligned
-slice of one shard with the same program. Rows therefore come out the same on 1 or 4 devices, from one or
-several processes, and in an interrupted-and-resumed run as in an uninterrupted one. Progress is the set of shard
-files present (a shard file appears only once fully written), so a rerun after a kill, even SIGKILL, computes
-the missing shards only. The table is marked complete after a verification pass recomputes spot rows.
+slice of one shard with the same program, one layer per step (`layers_per_step` in the producer settings). Rows
+therefore come out the same on 1 or 4 devices, from one or several processes, with any `buffer_bytes`, and in an
+interrupted-and-resumed run as in an uninterrupted one. Progress is the set of shard files present (a shard file
+appears only once fully written), so a rerun after a kill, even SIGKILL, computes the missing shards only. The
+table is marked complete after a verification pass compares spot rows, recomputed in another batch shape, with
+what was stored.
 
 Resuming is refused, in one line naming the setting, when anything that determines the stored bits differs from
 the interrupted run: the table's settings, the batch rows, the backend, the device model or the jax version
 (`producer_settings`); `--overwrite` starts over. Process 0 holds the table's lock (lut_writer.TableLock) from
 start to completion, so a second conversion started on the same directory refuses.
+
+Stopping: given `stop_signals` (the CLI passes SIGTERM and SIGINT), the first such signal stops the conversion
+before its next step: the pass being computed is abandoned, the shards already handed to the writer are finished,
+and `ConversionStopped` says how many shards the table holds; a second signal acts as it would have.
 
 Several processes (`jax.distributed.initialize()` before the call) share the shards by index: shard i belongs to
 process i % n (`owned_shards`), whatever the others have finished, and each skips its own shards already written.
@@ -27,7 +42,11 @@ gs://); process 0 prepares the table and, after a barrier, verifies and complete
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -41,16 +60,31 @@ from tqdm.auto import tqdm
 
 from mole_jax import checkpoint, lut, lut_writer, schemes, sharding
 from mole_jax.config import ModelConfig, MoleError
-from mole_jax.lut_writer import ShardPipeline, TableWriter
+from mole_jax.lut_writer import BackgroundWriter, TableWriter
 from mole_jax.model import graphdef_and_shapes
 from mole_jax.schemes import Layout
 
-STEP_TARGET_BYTES = 64 << 20  # float32 rows (or expert activations) one device computes per step, by default
+# Rows per device per step (`step_rows`): XLA:CPU's float32 GEMMs [R, d] x [d, F] reach their speed only from
+# several hundred rows (at d = 1,024, F = 4,096: 128 rows per step converted at 41% of the matmul peak, 512 at
+# 69%), so as many as MAX_STEP_ROWS, as long as one layer's activations (every expert's hidden and output rows,
+# float32) stay within STEP_TARGET_BYTES per device.
+MAX_STEP_ROWS = 1024
+STEP_TARGET_BYTES = 256 << 20
+BUFFER_BYTES = 1 << 30  # host memory for the rows of the pass being filled and the pass being written, by default
 VERIFY_ROWS = 16  # spot rows a conversion recomputes before it marks the table complete
 VERIFY_ROWS_PER_SHARD = 4  # random rows per shard `lut verify CKPT` recomputes by default
 # Recomputing a row in float32 with another batch shape may differ in the last bits; verification allows this
 # much (relative to each expert vector's absmax) on top of the scheme's own bound.
 VERIFY_RTOL = 1e-5
+
+
+class ConversionStopped(Exception):
+    """A conversion stopped by a signal at a step boundary; everything written is kept and a rerun resumes."""
+
+    def __init__(self, signum: int, shards_written: int, num_shards: int):
+        self.signum, self.shards_written, self.num_shards = signum, shards_written, num_shards
+        self.exit_status = 128 + signum  # what a shell reports for a process ended by that signal
+        super().__init__(f"stopped after shard {shards_written} of {num_shards}, rerun the same command to resume")
 
 
 def flops_per_row(cfg: ModelConfig) -> int:
@@ -73,13 +107,68 @@ def training_form_config(ckpt) -> tuple[ModelConfig, checkpoint.StepDir]:
 
 
 def restore_table_inputs(ckpt, cfg: ModelConfig, placement=None) -> dict:
-    """Only the parameters the table depends on: on `placement` (a Sharding) or as host numpy arrays."""
+    """All the parameters the table depends on at once: on `placement` (a Sharding) or as host numpy arrays. (The
+    conversion reads them a layer at a time: `CheckpointLayers`.)"""
     if placement is None:
         _, params = checkpoint.restore_params(ckpt, cfg=cfg, as_numpy=True, select=lut.table_inputs)
     else:
         shardings = jax.tree.map(lambda _: placement, lut.table_inputs(graphdef_and_shapes(cfg)[1]))
         _, params = checkpoint.restore_params(ckpt, cfg=cfg, shardings=shardings, select=lut.table_inputs)
     return params
+
+
+class CheckpointLayers:
+    """A checkpoint's table inputs read piece by piece, as host numpy arrays, each an Orbax partial restore of
+    just those leaves (nothing else is read): `embedding()` -> embed_VxD, `layer(l)` -> layer l's
+    {"norm_expert": {"scale_D"}, "experts": {"w_up_NxDxF", "w_down_NxFxD"}}."""
+
+    def __init__(self, ckpt, cfg: ModelConfig):
+        self.ckpt, self.cfg = ckpt, cfg
+
+    def embedding(self) -> np.ndarray:
+        _, params = checkpoint.restore_params(self.ckpt, cfg=self.cfg, as_numpy=True,
+                                              select=lambda p: {"embed_VxD": p["embed_VxD"]})
+        return params["embed_VxD"]
+
+    def layer(self, l: int) -> dict:
+        def select(p):
+            b = p["blocks"][l]
+            return {"blocks": {l: {"norm_expert": b["norm_expert"], "experts": b["experts"]}}}
+
+        _, params = checkpoint.restore_params(self.ckpt, cfg=self.cfg, as_numpy=True, select=select)
+        return params["blocks"][l]
+
+
+class _LayerLoader:
+    """Reads layers in a background thread: `request(l)` starts reading layer l (and placing it with `place`),
+    `take(l)` waits for it. The caller requests a layer only once it has released all but the current one, so at
+    most two layers are in memory."""
+
+    def __init__(self, source: CheckpointLayers, place=lambda x: x):
+        self._load = lambda l: place(source.layer(l))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mole-jax-read-layer")
+        self._pending: dict[int, object] = {}
+
+    def request(self, l: int) -> None:
+        if l not in self._pending:
+            self._pending[l] = self._pool.submit(self._load, l)
+
+    def take(self, l: int):
+        self.request(l)
+        return self._pending.pop(l).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+    def layers(self, num_layers: int):
+        """Every layer in order, the next one read while the caller works on the current one."""
+        for l in range(num_layers):
+            layer = self.take(l)
+            if l + 1 < num_layers:
+                self.request(l + 1)
+            yield layer
+            del layer
 
 
 def lut_rows_fn(cfg: ModelConfig):
@@ -98,11 +187,41 @@ def lut_rows_fn(cfg: ModelConfig):
     return rows
 
 
+def layer_rows_fn(cfg: ModelConfig):
+    """(embed_VxD, one layer's table inputs, ids_R) -> that layer's float32 rows [R, 1, N, D]: Transformer.lut_rows
+    of a one-layer model holding that layer (every layer has the same shapes: one compiled program serves all)."""
+    rows_fn = lut_rows_fn(cfg.replace(num_layers=1))
+    return lambda embed_VxD, layer, ids_R: rows_fn({"embed_VxD": embed_VxD, "blocks": {0: layer}}, ids_R)
+
+
+def step_rows(cfg: ModelConfig) -> int:
+    """Rows per device per step from the shapes: the largest power of two up to MAX_STEP_ROWS whose float32
+    activations of one layer (R x N x (F + d) x 4 bytes: every expert's hidden and output rows) fit
+    STEP_TARGET_BYTES."""
+    per_row = 4 * cfg.num_experts * (cfg.expert_dim + cfg.d_model)
+    cap = max(1, min(MAX_STEP_ROWS, STEP_TARGET_BYTES // per_row))
+    return 1 << (cap.bit_length() - 1)
+
+
 def default_batch_rows(cfg: ModelConfig, shard_rows: int) -> int:
-    """The largest divisor of shard_rows whose float32 rows and expert activations fit STEP_TARGET_BYTES."""
-    per_row = 4 * max(cfg.num_layers * cfg.num_experts * cfg.d_model, cfg.num_experts * cfg.expert_dim)
-    cap = max(1, STEP_TARGET_BYTES // per_row)
+    """The largest divisor of shard_rows up to `step_rows(cfg)` (the whole step when shard_rows is a power of two
+    at least that large, as the default shard_rows are)."""
+    cap = step_rows(cfg)
     return max(r for r in range(1, min(cap, shard_rows) + 1) if shard_rows % r == 0)
+
+
+def default_shard_rows(cfg: ModelConfig, layout: Layout) -> int:
+    """Files of about lut_writer.SHARD_TARGET_BYTES, but never fewer rows than a step (`step_rows`): a step's
+    rows never cross a shard, so a smaller shard would shrink the step. A power of two (whole pages), at most V."""
+    V = cfg.vocab_size
+    return min(max(lut_writer.default_shard_rows(layout, V), step_rows(cfg)), V)
+
+
+def _passes(shards: list[int], shard_nbytes: int, buffer_bytes: int) -> list[list[int]]:
+    """These shards in groups (passes) of as many as fit buffer_bytes twice over (the pass filled and the pass
+    written), at least one."""
+    per_pass = max(1, buffer_bytes // (2 * shard_nbytes))
+    return [shards[k:k + per_pass] for k in range(0, len(shards), per_pass)]
 
 
 def compare_rows(ref_RxLxNxD: np.ndarray, got_RxLxNxD: np.ndarray, scheme: str, block: int) -> dict:
@@ -136,16 +255,21 @@ def _barrier(name: str) -> None:
 def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | None = None,
                    shard_rows: int | None = None, block: int | None = None, overwrite: bool = False,
                    verify_rows: int = VERIFY_ROWS, checksum: bool = True, devices=None, progress: bool = True,
-                   max_inflight_shards: int = 2) -> Path | str:
+                   max_inflight_shards: int = 2, buffer_bytes: int = BUFFER_BYTES,
+                   stop_signals: tuple = ()) -> Path | str:
     """Tabulate a MoLE training-form checkpoint (run, checkpoints or step directory) into a table at `lut_dir`.
 
     dtype: the table's scheme, one of schemes.SCHEMES. batch_rows: rows each device computes per step (must divide
-    shard_rows; default: the most whose float32 rows fit in 64 MiB). shard_rows: rows per table file (default:
-    files of about 64 MiB). Both default to the interrupted table's when resuming.
+    shard_rows; default: `step_rows`, from the expert shapes). shard_rows: rows per table file (default: files of
+    about 64 MiB, at least one step). Both default to the interrupted table's when resuming.
     block: nf4/nf3 quantisation block (schemes.default_block). overwrite: replace a complete table (or an interrupted
     one of other parameters or settings); an interrupted conversion of the same parameters and settings is always
     resumed. checksum=False (no `checksums` array) only to measure what checksums cost.
-    devices: the local devices to use (default all). Returns the table's location (Path or URL).
+    devices: the local devices to use (default all). buffer_bytes: host memory for the table rows being computed
+    and written (two passes' worth; at least one shard per pass); it never changes the stored bits.
+    stop_signals: signals (e.g. SIGTERM, SIGINT) that stop the conversion at the next step, raising
+    ConversionStopped once the shards already handed to the writer are durable (handled in the main thread only).
+    Returns the table's location (Path or URL).
     """
     scheme = schemes.check_scheme(dtype)
     cfg, ref = training_form_config(ckpt)
@@ -154,38 +278,90 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
         lut_writer.check_shard_rows(layout, cfg.vocab_size, shard_rows)
     if batch_rows is not None and shard_rows is not None and (batch_rows <= 0 or shard_rows % batch_rows):
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of shard_rows {shard_rows}")
+    if not isinstance(buffer_bytes, int) or buffer_bytes <= 0:
+        raise MoleError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
     devices = list(devices or jax.local_devices())
     mesh = _local_mesh(devices)
+    source = CheckpointLayers(ckpt, cfg)
     # Replicated: every device computes whole rows with all experts of a layer, so no collective ever splits a
-    # sum (the same bits on any device count). The experts must fit on one device (410M-16E: 13 GB in float32).
+    # sum (the same bits on any device count). One layer's experts must fit on one device.
+    replicated = NamedSharding(mesh, P())
+    with _stop_on(stop_signals) as stop:
+        embed_VxD = source.embedding()
+        fingerprint = _fingerprint(ckpt, source, embed_VxD, cfg.num_layers)
+        embed_VxD = jax.device_put(embed_VxD, replicated)
+        resumed = {} if overwrite else lut_writer.interrupted_meta(lut_dir) or {}  # what a resume keeps unless told
+        shard_rows = shard_rows or resumed.get("shard_rows") or default_shard_rows(cfg, layout)
+        if resumed.get("shard_rows") == shard_rows:
+            batch_rows = batch_rows or resumed.get("producer", {}).get("batch_rows")
+        batch_rows = batch_rows or default_batch_rows(cfg, shard_rows)
+        if not isinstance(batch_rows, int) or batch_rows <= 0 or shard_rows % batch_rows:
+            raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of the table's shard_rows "
+                            f"{shard_rows}")
+        source_meta = {"checkpoint": str(ref.path), "step": ref.step}
+        writer = _start_writer(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
+                               overwrite=overwrite, checksum=checksum, source=source_meta,
+                               producer={"batch_rows": batch_rows, **producer_settings(devices)})
+        loader = _LayerLoader(source, lambda layer: jax.device_put(layer, replicated))
+        try:
+            _convert(writer, embed_VxD, loader, cfg=cfg, mesh=mesh, verify_rows=verify_rows, progress=progress,
+                     max_inflight=max_inflight_shards, buffer_bytes=buffer_bytes, stop=stop)
+        finally:
+            loader.close()
+            writer.release()
+    return writer.location
+
+
+def _fingerprint(ckpt, source: CheckpointLayers, embed_VxD: np.ndarray, num_layers: int) -> str:
+    """The fingerprint of the table inputs: the one recorded beside the checkpoint if its parameter files are
+    those it was computed from, else computed layer by layer (one pass over the experts) and recorded."""
+    recorded = checkpoint.recorded_fingerprint(ckpt)
+    if recorded is not None:
+        return recorded
     signature = checkpoint.params_signature(ckpt)  # before the experts are read: what the fingerprint is of
-    inputs = restore_table_inputs(ckpt, cfg, NamedSharding(mesh, P()))
-    fingerprint = lut.fingerprint(inputs)
+    loader = _LayerLoader(source)
+    try:
+        fingerprint = lut.fingerprint_of(embed_VxD, loader.layers(num_layers))
+    finally:
+        loader.close()
     if jax.process_index() == 0:  # so that loading the table with this checkpoint need not read the experts again
         checkpoint.record_fingerprint(ckpt, fingerprint, signature=signature)
-    resumed = {} if overwrite else lut_writer.interrupted_meta(lut_dir) or {}  # what a resume keeps unless told
-    shard_rows = shard_rows or resumed.get("shard_rows") or lut_writer.default_shard_rows(layout, cfg.vocab_size)
-    if resumed.get("shard_rows") == shard_rows:
-        batch_rows = batch_rows or resumed.get("producer", {}).get("batch_rows")
-    batch_rows = batch_rows or default_batch_rows(cfg, shard_rows)
-    if not isinstance(batch_rows, int) or batch_rows <= 0 or shard_rows % batch_rows:
-        raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of the table's shard_rows {shard_rows}")
-    source = {"checkpoint": str(ref.path), "step": ref.step}
-    writer = _start_writer(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
-                           overwrite=overwrite, checksum=checksum, source=source,
-                           producer={"batch_rows": batch_rows, **producer_settings(devices)})
+    return fingerprint
+
+
+@contextlib.contextmanager
+def _stop_on(signals):
+    """A threading.Event set (its `signum` recorded) by the first of these signals, which then get their previous
+    handlers back, so that a second one acts as it would have (Ctrl-C twice: KeyboardInterrupt). Signal handlers
+    belong to the main thread: elsewhere nothing is installed and the event is never set."""
+    stop = threading.Event()
+    stop.signum = None
+    if not signals or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        stop.signum = signum
+        stop.set()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in signals:
+        previous[s] = signal.signal(s, handler)
     try:
-        _convert(writer, inputs, cfg=cfg, mesh=mesh, verify_rows=verify_rows, progress=progress,
-                 max_inflight=max_inflight_shards)
+        yield stop
     finally:
-        writer.release()
-    return writer.location
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def producer_settings(devices) -> dict:
     """What besides the table's settings may change the computed bits, so a resume must match it: the backend,
-    the device model and the jax version (the compiler). Not the device or process count (tested identical)."""
-    return {"backend": devices[0].platform, "device_kind": devices[0].device_kind, "jax": jax.__version__}
+    the device model, the jax version (the compiler) and the program (one layer per step). Not the device or
+    process count, nor buffer_bytes (tested identical)."""
+    return {"backend": devices[0].platform, "device_kind": devices[0].device_kind, "jax": jax.__version__,
+            "layers_per_step": 1}
 
 
 def owned_shards(num_shards: int, done: set[int], process: int, processes: int) -> list[int]:
@@ -194,21 +370,28 @@ def owned_shards(num_shards: int, done: set[int], process: int, processes: int) 
     return [i for i in range(process, num_shards, processes) if i not in done]
 
 
-def _convert(writer: TableWriter, inputs, *, cfg: ModelConfig, mesh: Mesh, verify_rows: int, progress: bool,
-             max_inflight: int) -> None:
+def _convert(writer: TableWriter, embed_VxD, loader: _LayerLoader, *, cfg: ModelConfig, mesh: Mesh,
+             verify_rows: int, progress: bool, max_inflight: int, buffer_bytes: int, stop) -> None:
     """Compute this process's missing shards; then process 0 verifies and completes the table."""
     R = writer.meta["producer"]["batch_rows"]
     done = writer.done_shards()
     mine = owned_shards(writer.num_shards, done, jax.process_index(), jax.process_count())
+    spot = None
+    if jax.process_index() == 0:
+        spot = _SpotRows(cfg, _spot_ids(writer.V, verify_rows, seed=int(writer.meta["fingerprint"][:15], 16)))
+    passes = _passes(mine, writer.shard_rows * writer.layout.row_nbytes, buffer_bytes)
     with jax.default_matmul_precision("highest"):  # true float32 matmuls on GPU/TPU too (no TF32)
-        seconds = _compute_shards(writer, inputs, mine, cfg=cfg, batch_rows=R, mesh=mesh, progress=progress,
-                                  max_inflight=max_inflight)
+        seconds = _compute_shards(writer, embed_VxD, loader, passes, cfg=cfg, batch_rows=R, mesh=mesh,
+                                  progress=progress, max_inflight=max_inflight, spot=spot, stop=stop)
+        if spot is not None and not spot.complete:  # process 0 computed nothing: its spot rows need a pass
+            for l, layer in enumerate(loader.layers(cfg.num_layers)):
+                spot.add(l, embed_VxD, layer)
     run = {"processes": jax.process_count(), "devices_per_process": mesh.devices.size, "batch_rows": R,
-           "shards_computed": writer.num_shards - len(done), "compute_seconds_process0": seconds}
+           "shards_computed": writer.num_shards - len(done), "compute_seconds_process0": seconds,
+           "passes_process0": len(passes), "buffer_bytes": buffer_bytes}
     _barrier("mole-jax-convert-written")
     if jax.process_index() == 0:
-        with jax.default_matmul_precision("highest"):
-            report = _verify_written(writer, inputs, cfg, verify_rows, seed=int(writer.meta["fingerprint"][:15], 16))
+        report = _verify_written(writer, spot)
         if not report["ok"]:
             raise MoleError(f"verification of {writer.location} failed: max error {report['max_abs_error']:.3g} is "
                             f"{report['max_error_over_allowed']:.3g}x the allowed error; the table stays incomplete")
@@ -231,29 +414,63 @@ def _start_writer(lut_dir, cfg: ModelConfig, scheme: str, fingerprint: str, *, b
     return writer
 
 
-def _compute_shards(writer: TableWriter, inputs, shards: list[int], *, cfg: ModelConfig, batch_rows: int,
-                    mesh: Mesh, progress: bool, max_inflight: int) -> float:
-    """Compute and write these shards; returns the seconds from the first dispatch to the last durable write."""
-    steps = _chunks_by_step(writer, shards, batch_rows, mesh.devices.size)
-    if not steps:
+class _Stop(Exception):
+    """Raised inside the shard loop when a stop signal arrived."""
+
+
+def _compute_shards(writer: TableWriter, embed_VxD, loader: _LayerLoader, passes: list[list[int]], *,
+                    cfg: ModelConfig, batch_rows: int, mesh: Mesh, progress: bool, max_inflight: int,
+                    spot: "_SpotRows | None", stop) -> float:
+    """Compute and write these passes of shards, layer by layer; returns the seconds from the first dispatch to
+    the last durable write. Spot rows for the verification are computed during the first pass."""
+    if not passes:
         return 0.0
-    step = _ConversionStep(cfg, writer.layout, inputs, mesh, batch_rows)  # compiles: before the clock starts
-    pipeline = ShardPipeline(writer, max_inflight)
-    meter = _Meter(sum(c1 - c0 for chunks in steps for c0, c1 in chunks), cfg, progress)
+    L = cfg.num_layers
+    step = _LayerStep(cfg, writer.layout, embed_VxD, mesh, batch_rows, writer.shard_rows)  # compiles: before the clock starts
+    background = BackgroundWriter(writer, max_inflight)
+    meter = _Meter(sum(stop - start for shards in passes for i in shards for start, stop in [writer.shard_range(i)]),
+                   cfg, progress)
+    order = [(p, l) for p in range(len(passes)) for l in range(L)]  # the layers in the order they are read
+    loader.request(0)
     try:
         previous = None
-        for chunks in steps:
-            out = step.dispatch(inputs, chunks)  # runs asynchronously ...
-            if previous is not None:
-                # ... while the previous step's rows are fetched and written
-                meter.update(step.drain(*previous, pipeline), pipeline.bytes_written)
-            previous = (chunks, out)
-        meter.update(step.drain(*previous, pipeline), pipeline.bytes_written)
-        pipeline.flush()
-        meter.update(0, pipeline.bytes_written)  # the bytes count when their writes finish: the last ones only now
+        for k, (p, l) in enumerate(order):
+            if l == 0:
+                buffers = {i: _empty_shard(writer, i) for i in passes[p]}
+                steps = _chunks_by_step(writer, passes[p], batch_rows, mesh.devices.size)
+            layer = loader.take(l)
+            for s, chunks in enumerate(steps):
+                if stop.is_set():
+                    raise _Stop
+                out = step.dispatch(embed_VxD, layer, chunks)  # runs asynchronously ...
+                if previous is not None:  # ... while the previous step's rows are fetched
+                    meter.update(step.drain(*previous) / L, background.bytes_written)
+                previous = (chunks, out, l, buffers)
+                if s == 0 and k + 1 < len(order):
+                    # the previous layer's last step is done, so its experts are free: read the next layer now
+                    loader.request(order[k + 1][1])
+            if spot is not None and not spot.complete:
+                spot.add(l, embed_VxD, layer)
+            del layer
+            if l == L - 1:  # the pass is whole once its last step is drained: hand it to the writer thread
+                meter.update(step.drain(*previous) / L, background.bytes_written)
+                previous = None
+                background.submit([(i, buffers[i]) for i in passes[p]])
+                del buffers
+        background.flush()
+        meter.update(0, background.bytes_written)  # the bytes count when their writes finish: the last ones only now
+    except _Stop:
+        background.flush()  # what was handed over is finished: the pass being computed is abandoned
+        raise ConversionStopped(stop.signum, len(writer.done_shards()), writer.num_shards) from None
     finally:
+        background.close()
         meter.close()
     return meter.seconds()
+
+
+def _empty_shard(writer: TableWriter, i: int) -> dict:
+    start, stop = writer.shard_range(i)
+    return {name: np.empty((stop - start, *shape), dt) for name, (shape, dt) in writer.layout.arrays.items()}
 
 
 def _chunks_by_step(writer: TableWriter, shards: list[int], R: int, n_dev: int) -> list[list[tuple[int, int]]]:
@@ -263,47 +480,76 @@ def _chunks_by_step(writer: TableWriter, shards: list[int], R: int, n_dev: int) 
     return [chunks[k:k + n_dev] for k in range(0, len(chunks), n_dev)]
 
 
-class _ConversionStep:
-    """The compiled step: R rows per local device -> their stored arrays, quantised on the devices."""
+class _LayerStep:
+    """The compiled step: one layer's rows of R ids per local device -> their stored arrays [R, 1, ...],
+    quantised on the devices."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, inputs, mesh: Mesh, R: int):
-        self.scheme, self.R, self.n_dev = layout.scheme, R, mesh.devices.size
+    def __init__(self, cfg: ModelConfig, layout: Layout, embed_VxD, mesh: Mesh, R: int, shard_rows: int):
+        self.scheme, self.R, self.n_dev, self.shard_rows = layout.scheme, R, mesh.devices.size, shard_rows
         self.rows_sharding = NamedSharding(mesh, P(sharding.MESH_AXES))
-        rows_fn = lut_rows_fn(cfg)
+        rows_fn = layer_rows_fn(cfg)
 
-        def step(inputs, ids_B):
-            rows_BxLxNxD = rows_fn(inputs, ids_B)
+        def step(embed_VxD, layer, ids_B):
+            rows_Bx1xNxD = rows_fn(embed_VxD, layer, ids_B)
             # Counted explicitly: a cross-device max reduction may drop NaNs (it does on the CPU backend)
-            nonfinite = jnp.sum(~jnp.isfinite(rows_BxLxNxD))
-            return (schemes.quantize(rows_BxLxNxD, layout.scheme, layout.block, xp=jnp),
-                    (jnp.max(jnp.abs(rows_BxLxNxD)), nonfinite))
+            nonfinite = jnp.sum(~jnp.isfinite(rows_Bx1xNxD))
+            return (schemes.quantize(rows_Bx1xNxD, layout.scheme, layout.block, xp=jnp),
+                    (jnp.max(jnp.abs(rows_Bx1xNxD)), nonfinite))
 
+        replicated = NamedSharding(mesh, P())
+        layer_spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                  lut.table_inputs(graphdef_and_shapes(cfg)[1])["blocks"][0])
         ids_spec = jax.ShapeDtypeStruct((self.n_dev * R,), jnp.int32, sharding=self.rows_sharding)
-        self._compiled = jax.jit(step, out_shardings=(self.rows_sharding, NamedSharding(mesh, P()))).lower(
-            inputs, ids_spec).compile()
+        self._compiled = jax.jit(step, out_shardings=(self.rows_sharding, replicated)).lower(
+            embed_VxD, layer_spec, ids_spec).compile()
 
-    def dispatch(self, inputs, chunks: list[tuple[int, int]]):
+    def dispatch(self, embed_VxD, layer, chunks: list[tuple[int, int]]):
         """Start the step on these chunks (one per device); returns its outputs, still on the devices."""
         ids = np.zeros((self.n_dev, self.R), np.int32)  # padding rows compute row 0 and are dropped
         for k, (c0, c1) in enumerate(chunks):
             ids[k] = np.minimum(np.arange(c0, c0 + self.R), c1 - 1)
-        out = self._compiled(inputs, jax.device_put(ids.reshape(-1), self.rows_sharding))
+        out = self._compiled(embed_VxD, layer, jax.device_put(ids.reshape(-1), self.rows_sharding))
         for a in out[0].values():
             a.copy_to_host_async()  # the transfer starts as soon as the step is done, not when we ask
         return out
 
-    def drain(self, chunks: list[tuple[int, int]], out, pipeline: ShardPipeline) -> int:
-        """Check a dispatched step's range, hand its rows to the pipeline; returns the rows drained."""
+    def drain(self, chunks: list[tuple[int, int]], out, l: int, buffers: dict[int, dict]) -> int:
+        """Check a dispatched step's range and copy its rows into their shards' buffers at layer l; returns the
+        rows drained."""
         stored_dev, (absmax, nonfinite) = out
         _check_range(float(absmax), int(nonfinite), self.scheme, chunks)
         host = {name: np.asarray(a) for name, a in stored_dev.items()}
         for k, (c0, c1) in enumerate(chunks):
-            pipeline.add(c0, {name: a[k * self.R:k * self.R + (c1 - c0)] for name, a in host.items()})
+            i = c0 // self.shard_rows
+            at = c0 - i * self.shard_rows
+            for name, a in host.items():
+                buffers[i][name][at:at + c1 - c0, l] = a[k * self.R:k * self.R + (c1 - c0), 0]
         return sum(c1 - c0 for c0, c1 in chunks)
 
 
+class _SpotRows:
+    """float32 rows [k, L, N, D] of the verification's spot ids, filled layer by layer by whichever pass reads the
+    layers first (in another batch shape than the conversion's steps: an independent recomputation)."""
+
+    def __init__(self, cfg: ModelConfig, ids: np.ndarray):
+        self.ids = ids
+        self.rows_KxLxNxD = np.zeros((len(ids), cfg.num_layers, cfg.num_experts, cfg.d_model), np.float32)
+        self._fn = jax.jit(layer_rows_fn(cfg))
+        self._todo = set(range(cfg.num_layers))
+
+    @property
+    def complete(self) -> bool:
+        return not self._todo
+
+    def add(self, l: int, embed_VxD, layer) -> None:
+        if l in self._todo:
+            self.rows_KxLxNxD[:, l] = np.asarray(self._fn(embed_VxD, layer, jnp.asarray(self.ids, jnp.int32)))[:, 0]
+            self._todo.discard(l)
+
+
 class _Meter:
-    """The progress bar: rows converted, bytes durably written, and the conversion's FLOP rate."""
+    """The progress bar: rows converted (a step of one layer counts for 1/L of its rows), bytes durably written,
+    and the conversion's FLOP rate."""
 
     def __init__(self, total_rows: int, cfg: ModelConfig, enabled: bool):
         self.rows, self.flops_per_row, self.t0 = 0, flops_per_row(cfg), time.perf_counter()
@@ -313,7 +559,7 @@ class _Meter:
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
-    def update(self, rows: int, bytes_written: int) -> None:
+    def update(self, rows: float, bytes_written: int) -> None:
         self.rows += rows
         self.bar.update(rows)
         written = f"{bytes_written / 1e9:.2f} GB" if bytes_written >= 1e9 else f"{bytes_written / 1e6:.0f} MB"
@@ -334,13 +580,11 @@ def _check_range(absmax: float, nonfinite: int, scheme: str, chunks) -> None:
                         "use bfloat16, float32, int8 or nf4")
 
 
-def _verify_written(writer: TableWriter, inputs, cfg: ModelConfig, k: int, seed: int) -> dict:
-    """Recompute spot rows (first, last, k random) and compare them with what the table stores."""
-    ids = _spot_ids(writer.V, k, seed)
-    ref = np.asarray(jax.jit(lut_rows_fn(cfg))(inputs, jnp.asarray(ids, jnp.int32)))
-    got = schemes.dequantize(writer.read_stored(ids), writer.layout.scheme)
-    report = compare_rows(ref, got, writer.layout.scheme, writer.layout.block)
-    return {**report, "ids": ids.tolist()}
+def _verify_written(writer: TableWriter, spot: _SpotRows) -> dict:
+    """Compare the spot rows (first, last, k random; recomputed) with what the table stores."""
+    got = schemes.dequantize(writer.read_stored(spot.ids), writer.layout.scheme)
+    report = compare_rows(spot.rows_KxLxNxD, got, writer.layout.scheme, writer.layout.block)
+    return {**report, "ids": spot.ids.tolist()}
 
 
 def verify_lut(lut_dir, ckpt=None, *, rows: int = VERIFY_ROWS_PER_SHARD, full: bool = False,

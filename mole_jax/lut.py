@@ -81,6 +81,13 @@ def fingerprint(params: dict) -> str:
     """sha256 (hex) of exactly what determines the table: embed_VxD and, per layer in order, norm_expert.scale_D,
     experts.w_up_NxDxF and experts.w_down_NxFxD, each as its name, shape and little-endian float32 bytes."""
     inputs = table_inputs(params)
+    return fingerprint_of(inputs["embed_VxD"], (inputs["blocks"][l] for l in sorted(inputs["blocks"], key=int)))
+
+
+def fingerprint_of(embed_VxD, blocks) -> str:
+    """`fingerprint` from the embedding and an iterable of every layer's table inputs ({"norm_expert": ...,
+    "experts": ...}) in layer order, consumed one at a time: a converter reading one layer at a time never holds
+    more than one."""
     h = hashlib.sha256(b"mole-jax-lut-params/1\0")
 
     def add(name, value):
@@ -88,9 +95,8 @@ def fingerprint(params: dict) -> str:
         h.update(f"{name}{list(a.shape)}\0".encode())
         h.update(memoryview(a).cast("B"))
 
-    add("embed_VxD", inputs["embed_VxD"])
-    for l in sorted(inputs["blocks"], key=int):
-        b = inputs["blocks"][l]
+    add("embed_VxD", embed_VxD)
+    for l, b in enumerate(blocks):
         add(f"blocks.{l}.norm_expert.scale_D", b["norm_expert"]["scale_D"])
         add(f"blocks.{l}.experts.w_up_NxDxF", b["experts"]["w_up_NxDxF"])
         add(f"blocks.{l}.experts.w_down_NxFxD", b["experts"]["w_down_NxFxD"])

@@ -1,5 +1,6 @@
 """Writing a lookup table: create, resume or replace it (`TableWriter`), stream rows into whole shards
-(`ShardPipeline`), and `write_table` for rows produced on the host.
+(`ShardPipeline`; `BackgroundWriter` does it in a thread of its own), and `write_table` for rows produced on the
+host.
 
 Shards are written whole, once each (no read-modify-write), and a shard file appears only once fully written,
 so the set of shard files present is the progress: an interrupted writer resumes by writing the missing shards,
@@ -16,8 +17,10 @@ import errno
 import fcntl
 import json
 import os
+import queue
 import shutil
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -410,6 +413,63 @@ class ShardPipeline:
             raise MoleError(f"writing shard {i} of {self.writer.location} failed ({lut.error_text(e)}); the shards "
                             "written so far are kept: fix the cause, then rerun the same command to resume") from None
         self.bytes_written += nbytes
+
+
+class BackgroundWriter:
+    """Writes groups of whole shards in a thread of its own, so that the caller computes the next group while one
+    is checksummed and written: `submit(shards)` hands over [(shard index, stored arrays of exactly its rows)],
+    waiting first until the previous group is durable, so at most two groups exist at once (the one being
+    written, the one being filled). Inside a group, shard writes go through a ShardPipeline (at most
+    `max_inflight` in flight, in index order). A failed write is raised in the caller at its next `submit` or
+    `flush`, as the ShardPipeline raises it (one line: the shards already durable stay)."""
+
+    def __init__(self, writer: TableWriter, max_inflight: int = 2):
+        self.writer = writer
+        self._pipeline = ShardPipeline(writer, max_inflight)
+        self._work: queue.Queue = queue.Queue(maxsize=1)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mole-jax-shard-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def bytes_written(self) -> int:
+        return self._pipeline.bytes_written
+
+    def submit(self, shards: list[tuple[int, dict]]) -> None:
+        """Write these shards (the arrays must not be modified afterwards); waits for the previous group first."""
+        self.flush()
+        self._idle.clear()
+        self._work.put(shards)
+
+    def flush(self) -> None:
+        """Wait until every group handed over is durable; raise the first failure."""
+        self._idle.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """Stop the thread (after the group in progress, if any)."""
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            shards = self._work.get()
+            if shards is None:
+                return
+            try:
+                for i, stored in shards:
+                    self._pipeline.add(self.writer.shard_range(i)[0], stored)
+                self._pipeline.flush()
+            except BaseException as e:  # handed to the caller, which raises it
+                self._error = e
+                self._pipeline = ShardPipeline(self.writer, self._pipeline.max_inflight)  # no half-done state kept
+            finally:
+                self._idle.set()
 
 
 # A whole table from host rows -------------------------------------------------------------------------------------
