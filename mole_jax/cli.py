@@ -74,12 +74,20 @@ def _add_upcycle(sub):
 
 
 def _cmd_convert(args):
-    from mole_jax.convert import convert_to_lut
+    import signal
+
+    from mole_jax.convert import ConversionStopped, convert_to_lut, return_freed_memory_promptly
     from mole_jax.lut import read_info
 
-    where = convert_to_lut(args.ckpt, args.lut_dir, args.dtype, batch_rows=args.batch_rows,
-                           shard_rows=args.shard_rows, block=args.block, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+    return_freed_memory_promptly()  # each layer's experts leave memory once used: peak RSS of about one layer
+    try:
+        where = convert_to_lut(args.ckpt, args.lut_dir, args.dtype, batch_rows=args.batch_rows,
+                               shard_rows=args.shard_rows, block=args.block, overwrite=args.overwrite,
+                               progress=not args.no_progress, buffer_bytes=args.buffer_mb << 20,
+                               stop_signals=(signal.SIGTERM, signal.SIGINT))
+    except ConversionStopped as e:  # at a step boundary, every shard written kept: 143 (SIGTERM) or 130 (SIGINT)
+        print(f"mole-jax: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_status) from None
     info = read_info(where)
     print(f"wrote {where}: {info['scheme']} {info['shape']}, {info['nbytes']:,} bytes "
           f"({info['nbytes'] / info['fp16_nbytes']:.1%} of float16), fingerprint {info['fingerprint'][:16]}")
@@ -150,6 +158,9 @@ def _add_lut(sub):
     p.add_argument("--batch-rows", type=int, default=None,
                    help="vocabulary rows each device computes per step (must divide the shard rows)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per table file (default: ~64 MiB files)")
+    p.add_argument("--buffer-mb", type=int, default=1024,
+                   help="host memory for the table rows being computed and written (default 1024); each pass over "
+                        "the vocabulary reads every layer's experts once, so more memory means fewer reads")
     p.add_argument("--block", type=int, default=None, help="nf4/nf3 quantisation block (default 768/128 or the "
                                                            "largest divisor of d_model below)")
     p.add_argument("--checksum", action="store_true", help="(always on: every row has a crc32c; kept for scripts)")
