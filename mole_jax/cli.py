@@ -158,9 +158,9 @@ def _add_lut(sub):
     p.add_argument("--batch-rows", type=int, default=None,
                    help="vocabulary rows each device computes per step (must divide the shard rows)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per table file (default: ~64 MiB files)")
-    p.add_argument("--buffer-mb", type=int, default=1024,
-                   help="host memory for the table rows being computed and written (default 1024); each pass over "
-                        "the vocabulary reads every layer's experts once, so more memory means fewer reads")
+    p.add_argument("--buffer-mb", type=int, default=2048,
+                   help="host memory for the table rows computed in one pass over the layers (default 2048); each "
+                        "pass reads every layer's experts once, so more memory means fewer reads")
     p.add_argument("--block", type=int, default=None, help="nf4/nf3 quantisation block (default 768/128 or the "
                                                            "largest divisor of d_model below)")
     p.add_argument("--checksum", action="store_true", help="(always on: every row has a crc32c; kept for scripts)")

@@ -8,14 +8,14 @@ never all of them at once: the embedding once, then one layer's expert norm and 
 restores of those leaves), the next layer read in a background thread while the current one computes.
 
 The vocabulary is cut into shards (the table's files); this process's shards are taken in passes of as many
-shards as `buffer_bytes` holds twice (one pass filled while the previous one is written). Within a pass, layer
-by layer, each device computes `batch_rows` rows per step with that layer's experts (one compiled program serves
-every layer: they all have the same shapes), quantises them on the device and only stored bytes reach the host,
-where they fill the pass's shards at that layer's index. The next step is dispatched before the previous step's
-rows are fetched. A full pass goes to a writer thread (lut_writer.BackgroundWriter: checksums and Tensorstore
-writes) while the next pass computes. Host memory is therefore the embedding, two layers' experts, one step's
-activations and `buffer_bytes`, whatever the number of layers, experts or rows; a pass reads every layer once,
-so fewer, larger passes read the checkpoint fewer times.
+shards as `buffer_bytes` holds. Within a pass, layer by layer, each device computes `batch_rows` rows per step
+with that layer's experts (one compiled program serves every layer: they all have the same shapes), quantises
+them on the device, and only stored bytes reach the host, where they fill the pass's shards at that layer's
+index. The next step is dispatched before the previous step's rows are fetched. A shard goes to a writer thread
+(lut_writer.BackgroundWriter: checksums and Tensorstore writes) as soon as its last layer is in, so writing
+overlaps computing. Host memory is therefore the embedding, two layers' experts, one step's activations,
+`buffer_bytes` and a few shards being written, whatever the number of layers, experts or rows; each pass reads
+every layer once, so fewer, larger passes read the checkpoint fewer times.
 
 Bit-identical whatever happens: `batch_rows` divides the shard size, so every device always computes an aligned
 slice of one shard with the same program, one layer per step (`layers_per_step` in the producer settings). Rows
@@ -70,7 +70,7 @@ from mole_jax.schemes import Layout
 # float32) stay within STEP_TARGET_BYTES per device.
 MAX_STEP_ROWS = 1024
 STEP_TARGET_BYTES = 256 << 20
-BUFFER_BYTES = 1 << 30  # host memory for the rows of the pass being filled and the pass being written, by default
+BUFFER_BYTES = 2 << 30  # host memory for the rows of a pass, by default
 VERIFY_ROWS = 16  # spot rows a conversion recomputes before it marks the table complete
 VERIFY_ROWS_PER_SHARD = 4  # random rows per shard `lut verify CKPT` recomputes by default
 # Recomputing a row in float32 with another batch shape may differ in the last bits; verification allows this
@@ -239,9 +239,8 @@ def default_shard_rows(cfg: ModelConfig, layout: Layout) -> int:
 
 
 def _passes(shards: list[int], shard_nbytes: int, buffer_bytes: int) -> list[list[int]]:
-    """These shards in groups (passes) of as many as fit buffer_bytes twice over (the pass filled and the pass
-    written), at least one."""
-    per_pass = max(1, buffer_bytes // (2 * shard_nbytes))
+    """These shards in groups (passes) of as many as fit buffer_bytes, at least one."""
+    per_pass = max(1, buffer_bytes // shard_nbytes)
     return [shards[k:k + per_pass] for k in range(0, len(shards), per_pass)]
 
 
@@ -286,8 +285,8 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     block: nf4/nf3 quantisation block (schemes.default_block). overwrite: replace a complete table (or an interrupted
     one of other parameters or settings); an interrupted conversion of the same parameters and settings is always
     resumed. checksum=False (no `checksums` array) only to measure what checksums cost.
-    devices: the local devices to use (default all). buffer_bytes: host memory for the table rows being computed
-    and written (two passes' worth; at least one shard per pass); it never changes the stored bits.
+    devices: the local devices to use (default all). buffer_bytes: host memory for the rows of a pass (at least
+    one shard); each pass reads every layer's experts once. It never changes the stored bits.
     stop_signals: signals (e.g. SIGTERM, SIGINT) that stop the conversion at the next step, raising
     ConversionStopped once the shards already handed to the writer are durable (handled in the main thread only).
     Returns the table's location (Path or URL).
@@ -443,21 +442,30 @@ def _compute_shards(writer: TableWriter, embed_VxD, loader: _LayerLoader, passes
                     cfg: ModelConfig, batch_rows: int, mesh: Mesh, progress: bool, max_inflight: int,
                     spot: "_SpotRows | None", stop) -> float:
     """Compute and write these passes of shards, layer by layer; returns the seconds from the first dispatch to
-    the last durable write. Spot rows for the verification are computed during the first pass."""
+    the last durable write. A shard goes to the writer thread as soon as its rows of the last layer are in, so
+    the writes of a pass overlap the computation of its last layer and of the next pass. Spot rows for the
+    verification are computed during the first pass."""
     if not passes:
         return 0.0
     L = cfg.num_layers
-    step = _LayerStep(cfg, writer.layout, embed_VxD, mesh, batch_rows, writer.shard_rows)  # compiles: before the clock starts
+    step = _LayerStep(cfg, writer.layout, embed_VxD, mesh, batch_rows, writer.shard_rows)  # compiles first
     background = BackgroundWriter(writer, max_inflight)
     meter = _Meter(sum(stop - start for shards in passes for i in shards for start, stop in [writer.shard_range(i)]),
                    cfg, progress)
     order = [(p, l) for p in range(len(passes)) for l in range(L)]  # the layers in the order they are read
+
+    def drain(chunks, out, l, shards):
+        meter.update(step.drain(chunks, out, l, shards.buffers) / L, background.bytes_written)
+        if l == L - 1:
+            for i in shards.completed(chunks):
+                background.submit(i, shards.buffers.pop(i))
+
     loader.request(0)
     try:
         previous = None
         for k, (p, l) in enumerate(order):
             if l == 0:
-                buffers = {i: _empty_shard(writer, i) for i in passes[p]}
+                shards = _PassShards(writer, passes[p])
                 steps = _chunks_by_step(writer, passes[p], batch_rows, mesh.devices.size)
             layer = loader.take(l)
             for s, chunks in enumerate(steps):
@@ -465,28 +473,44 @@ def _compute_shards(writer: TableWriter, embed_VxD, loader: _LayerLoader, passes
                     raise _Stop
                 out = step.dispatch(embed_VxD, layer, chunks)  # runs asynchronously ...
                 if previous is not None:  # ... while the previous step's rows are fetched
-                    meter.update(step.drain(*previous) / L, background.bytes_written)
-                previous = (chunks, out, l, buffers)
+                    drain(*previous)
+                previous = (chunks, out, l, shards)
                 if s == 0 and k + 1 < len(order):
                     # the previous layer's last step is done, so its experts are free: read the next layer now
                     loader.request(order[k + 1][1])
             if spot is not None and not spot.complete:
                 spot.add(l, embed_VxD, layer)
             del layer
-            if l == L - 1:  # the pass is whole once its last step is drained: hand it to the writer thread
-                meter.update(step.drain(*previous) / L, background.bytes_written)
-                previous = None
-                background.submit([(i, buffers[i]) for i in passes[p]])
-                del buffers
+        drain(*previous)
         background.flush()
         meter.update(0, background.bytes_written)  # the bytes count when their writes finish: the last ones only now
     except _Stop:
-        background.flush()  # what was handed over is finished: the pass being computed is abandoned
+        background.flush()  # the shards handed over are finished; the rest of the pass is abandoned
         raise ConversionStopped(stop.signum, len(writer.done_shards()), writer.num_shards) from None
     finally:
         background.close()
         meter.close()
     return meter.seconds()
+
+
+class _PassShards:
+    """The host buffers of a pass's shards (stored arrays [shard rows, L, ...], filled layer by layer) and how many
+    rows of each the last layer has yet to fill."""
+
+    def __init__(self, writer: TableWriter, shards: list[int]):
+        self.shard_rows = writer.shard_rows
+        self.buffers = {i: _empty_shard(writer, i) for i in shards}
+        self.missing = {i: stop - start for i in shards for start, stop in [writer.shard_range(i)]}
+
+    def completed(self, chunks: list[tuple[int, int]]) -> list[int]:
+        """Count these chunks' rows of the last layer in; returns the shards thereby complete."""
+        done = []
+        for c0, c1 in chunks:
+            i = c0 // self.shard_rows
+            self.missing[i] -= c1 - c0
+            if self.missing[i] == 0:
+                done.append(i)
+        return done
 
 
 def _empty_shard(writer: TableWriter, i: int) -> dict:

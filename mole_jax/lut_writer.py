@@ -416,19 +416,18 @@ class ShardPipeline:
 
 
 class BackgroundWriter:
-    """Writes groups of whole shards in a thread of its own, so that the caller computes the next group while one
-    is checksummed and written: `submit(shards)` hands over [(shard index, stored arrays of exactly its rows)],
-    waiting first until the previous group is durable, so at most two groups exist at once (the one being
-    written, the one being filled). Inside a group, shard writes go through a ShardPipeline (at most
-    `max_inflight` in flight, in index order). A failed write is raised in the caller at its next `submit` or
-    `flush`, as the ShardPipeline raises it (one line: the shards already durable stay)."""
+    """Writes whole shards in a thread of its own, so that the caller computes while shards are checksummed and
+    written: `submit(i, stored)` hands over shard i (stored arrays of exactly its rows, not modified afterwards),
+    waiting while `max_inflight` shards are already queued (so a writer slower than the caller holds it back
+    instead of piling shards up in memory); `flush()` waits until every shard handed over is durable. Writes go
+    through a ShardPipeline, in the order handed over, at most `max_inflight` in flight. A failed write is raised
+    in the caller at its next `submit` or `flush` as the ShardPipeline raises it (one line: the shards already
+    durable stay); the shards handed over after it are dropped."""
 
     def __init__(self, writer: TableWriter, max_inflight: int = 2):
         self.writer = writer
         self._pipeline = ShardPipeline(writer, max_inflight)
-        self._work: queue.Queue = queue.Queue(maxsize=1)
-        self._idle = threading.Event()
-        self._idle.set()
+        self._work: queue.Queue = queue.Queue(maxsize=max_inflight)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mole-jax-shard-writer", daemon=True)
         self._thread.start()
@@ -437,39 +436,41 @@ class BackgroundWriter:
     def bytes_written(self) -> int:
         return self._pipeline.bytes_written
 
-    def submit(self, shards: list[tuple[int, dict]]) -> None:
-        """Write these shards (the arrays must not be modified afterwards); waits for the previous group first."""
-        self.flush()
-        self._idle.clear()
-        self._work.put(shards)
+    def submit(self, i: int, stored: dict) -> None:
+        self._raise()
+        self._work.put((i, stored))
 
     def flush(self) -> None:
-        """Wait until every group handed over is durable; raise the first failure."""
-        self._idle.wait()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._work.join()
+        self._raise()
 
     def close(self) -> None:
-        """Stop the thread (after the group in progress, if any)."""
+        """Stop the thread once the shards handed over are done."""
         if self._thread.is_alive():
             self._work.put(None)
             self._thread.join()
 
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
     def _run(self) -> None:
         while True:
-            shards = self._work.get()
-            if shards is None:
-                return
+            item = self._work.get()
             try:
-                for i, stored in shards:
+                if item is None:
+                    return
+                if self._error is None:
+                    i, stored = item
                     self._pipeline.add(self.writer.shard_range(i)[0], stored)
-                self._pipeline.flush()
+                    if self._work.empty():  # nothing queued: make what is in flight durable now
+                        self._pipeline.flush()
             except BaseException as e:  # handed to the caller, which raises it
                 self._error = e
-                self._pipeline = ShardPipeline(self.writer, self._pipeline.max_inflight)  # no half-done state kept
+                self._pipeline = ShardPipeline(self.writer, self._pipeline.max_inflight)
             finally:
-                self._idle.set()
+                self._work.task_done()
 
 
 # A whole table from host rows -------------------------------------------------------------------------------------
