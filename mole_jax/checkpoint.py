@@ -118,13 +118,16 @@ def model_config(path: str | Path) -> ModelConfig:
 
 def restore_params(path: str | Path, *, with_experts: bool = True, shardings: Any = None,
                    as_numpy: bool = False, cfg: ModelConfig | None = None,
-                   select: Callable[[dict], dict] | None = None) -> tuple[ModelConfig, Params]:
+                   select: Callable[[dict], dict] | None = None,
+                   this_process_only: bool = False) -> tuple[ModelConfig, Params]:
     """Restore a checkpoint's parameters.
 
     with_experts=False restores MoLE's inference form only (the routed experts stay on disk, never in memory).
     shardings: a pytree of jax.sharding.Sharding matching the params (placement on a mesh, any device count);
     default: the first device. as_numpy: restore to host numpy arrays instead.
     select: prunes the params tree (e.g. lut.table_inputs) so that only those parameters are read.
+    this_process_only: no barrier with the other processes of a multi-process run (Orbax ends a restore with one):
+    for reads that each process makes on its own schedule, e.g. a converter reading one layer at a time.
     """
     ref = locate(path)
     cfg = cfg or model_config(path)
@@ -139,8 +142,13 @@ def restore_params(path: str | Path, *, with_experts: bool = True, shardings: An
             shardings = jax.tree.map(lambda _: one, shapes)
         restore_args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape,
                                                                        dtype=s.dtype), shapes, shardings)
+    if this_process_only:
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=(
+            ocp.options.MultiprocessingOptions(active_processes={jax.process_index()})))
+    else:
+        checkpointer = ocp.PyTreeCheckpointer()
     try:
-        params = ocp.PyTreeCheckpointer().restore(
+        params = checkpointer.restore(
             ref.path / "params", args=ocp.args.PyTreeRestore(item=shapes, restore_args=restore_args,
                                                              partial_restore=True))
     except (ValueError, KeyError, FileNotFoundError) as e:

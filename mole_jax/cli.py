@@ -196,7 +196,8 @@ def _cmd_bench_convert(args):
     from mole_jax.bench.convert import bench_convert
 
     bench_convert(preset=args.preset, vocab_sizes=args.vocab_sizes, dtype=args.dtype, batch_rows=args.batch_rows,
-                  shard_rows=args.shard_rows, json_path=args.json)
+                  shard_rows=args.shard_rows, buffer_bytes=args.buffer_mb << 20 if args.buffer_mb else None,
+                  json_path=args.json)
 
 
 def _add_bench_convert(bench_sub):
@@ -209,6 +210,7 @@ def _add_bench_convert(bench_sub):
     p.add_argument("--dtype", default="float16", help="table scheme")
     p.add_argument("--batch-rows", type=int, default=None)
     p.add_argument("--shard-rows", type=int, default=None, help="default: 1024 for the CPU model, else the table's")
+    p.add_argument("--buffer-mb", type=int, default=None, help="as convert's --buffer-mb (default 2048)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_cmd_bench_convert)
 

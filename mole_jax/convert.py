@@ -141,13 +141,14 @@ def restore_table_inputs(ckpt, cfg: ModelConfig, placement=None) -> dict:
 class CheckpointLayers:
     """A checkpoint's table inputs read piece by piece, as host numpy arrays, each an Orbax partial restore of
     just those leaves (nothing else is read): `embedding()` -> embed_VxD, `layer(l)` -> layer l's
-    {"norm_expert": {"scale_D"}, "experts": {"w_up_NxDxF", "w_down_NxFxD"}}."""
+    {"norm_expert": {"scale_D"}, "experts": {"w_up_NxDxF", "w_down_NxFxD"}}. Without a barrier between
+    processes: in a multi-process conversion each process reads its layers when its own passes need them."""
 
     def __init__(self, ckpt, cfg: ModelConfig):
         self.ckpt, self.cfg = ckpt, cfg
 
     def embedding(self) -> np.ndarray:
-        _, params = checkpoint.restore_params(self.ckpt, cfg=self.cfg, as_numpy=True,
+        _, params = checkpoint.restore_params(self.ckpt, cfg=self.cfg, as_numpy=True, this_process_only=True,
                                               select=lambda p: {"embed_VxD": p["embed_VxD"]})
         return params["embed_VxD"]
 
@@ -156,7 +157,8 @@ class CheckpointLayers:
             b = p["blocks"][l]
             return {"blocks": {l: {"norm_expert": b["norm_expert"], "experts": b["experts"]}}}
 
-        _, params = checkpoint.restore_params(self.ckpt, cfg=self.cfg, as_numpy=True, select=select)
+        _, params = checkpoint.restore_params(self.ckpt, cfg=self.cfg, as_numpy=True, select=select,
+                                              this_process_only=True)
         return params["blocks"][l]
 
 

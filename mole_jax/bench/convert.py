@@ -29,7 +29,7 @@ WORKER = "mole_jax.bench.convert_worker"  # run as `python -m WORKER JOB_JSON`: 
 
 
 def bench_convert(preset: str | None = None, *, vocab_sizes: Sequence[int] | None = None, dtype: str = "float16",
-                  batch_rows: int | None = None, shard_rows: int | None = None,
+                  batch_rows: int | None = None, shard_rows: int | None = None, buffer_bytes: int | None = None,
                   json_path: str | Path | None = None) -> dict[str, Any]:
     """Conversion FLOP/s against the float32 matmul peak measured in this run, bytes written, and peak host memory
     at several vocabulary sizes; each conversion runs in a fresh process (bench/convert_worker.py), so its
@@ -45,7 +45,7 @@ def bench_convert(preset: str | None = None, *, vocab_sizes: Sequence[int] | Non
         shard_rows = 1024
     with jax.default_matmul_precision("highest"):  # conversion computes in true float32
         peak = matmul_peak_flops("float32")
-    settings = {"dtype": dtype, "batch_rows": batch_rows, "shard_rows": shard_rows}
+    settings = {"dtype": dtype, "batch_rows": batch_rows, "shard_rows": shard_rows, "buffer_bytes": buffer_bytes}
     with tempfile.TemporaryDirectory(prefix="mole-jax-bench-convert-") as tmp:
         tmp = Path(tmp)
         runs = [run for V in vocab_sizes for run in _conversions(cfg.replace(vocab_size=V), tmp, settings, peak,
@@ -80,7 +80,7 @@ def _conversions(cfg: ModelConfig, tmp: Path, settings: dict, peak: float, *, wi
                      "steady_fraction_of_peak": flops / compute_s / peak, "bytes_written": written,
                      "bytes_per_s": written / r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
                      "embedding_bytes": V * cfg.d_model * 4, "shard_rows": info["shard_rows"],
-                     "batch_rows": info["last_run"]["batch_rows"]})
+                     "batch_rows": info["last_run"]["batch_rows"], "passes": info["last_run"]["passes_process0"]})
     return runs
 
 
@@ -108,8 +108,8 @@ def _print_report(result: dict[str, Any], cfg: ModelConfig, largest_vocab: int) 
                   "of peak": r["fraction_of_peak"], "steady of peak": r["steady_fraction_of_peak"],
                   "MB written": r["bytes_written"] / 1e6, "MB/s": r["bytes_per_s"] / 1e6,
                   "peak RSS MB": r["peak_rss_bytes"] / 1e6, "embedding MB": r["embedding_bytes"] / 1e6} for r in runs],
-                ["vocab_size", "destination", "GFLOP", "seconds", "GFLOP/s", "of peak", "steady of peak",
-                 "MB written", "MB/s", "peak RSS MB", "embedding MB"])
+                ["vocab_size", "destination", "batch_rows", "shard_rows", "passes", "GFLOP", "seconds", "GFLOP/s",
+                 "of peak", "steady of peak", "MB written", "MB/s", "peak RSS MB", "embedding MB"])
     print("(memory: the table is held in the converting process, so its peak RSS includes the table)")
     print(f"\nreading B random rows of the V={largest_vocab} table (median ms; memmap = the same bytes as .npy)")
     print_table(reads, ["batch", "read_stored_ms", "rows_ms", "read_stored_no_cache_ms", "memmap_ms",
