@@ -100,6 +100,7 @@ def fingerprint_of(embed_VxD, blocks) -> str:
         add(f"blocks.{l}.norm_expert.scale_D", b["norm_expert"]["scale_D"])
         add(f"blocks.{l}.experts.w_up_NxDxF", b["experts"]["w_up_NxDxF"])
         add(f"blocks.{l}.experts.w_down_NxFxD", b["experts"]["w_down_NxFxD"])
+        del b  # released before the iterable is asked for the next layer
     return h.hexdigest()
 
 
