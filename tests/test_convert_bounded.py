@@ -1,7 +1,8 @@
 """Conversion in memory bounded by one layer (convert.py reads the experts a layer at a time): peak RSS does not
 grow with the number of layers, the table equals the existing all-layers-at-once computation bit for bit at any
 buffer size, the step rows follow the shapes, and SIGTERM/SIGINT stop `mole-jax convert` at a step boundary with
-a table that the same command completes bit for bit."""
+a table that the same command completes bit for bit; a checkpoint written by two processes converts to the same
+table as one written by one."""
 
 import json
 import os
@@ -242,3 +243,54 @@ def test_a_signal_stops_at_a_step_and_the_rerun_is_bit_identical(wide_vocab, tmp
     assert status_rerun == 0, err
     assert computed == sorted(set(range(64)) - done)  # exactly the missing shards, in order
     assert lut.open_lut(out).meta["complete"] and _files(out) == _files(reference)
+
+
+# A checkpoint written by two processes, its experts sharded across them -------------------------------------------
+SHARDED_SAVE = """
+import sys
+import jax
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+import numpy as np
+from conftest import table_config
+from mole_jax import checkpoint, sharding
+from mole_jax.model import init_params
+
+cfg = table_config()
+host = init_params(cfg, seed=23)
+shardings = sharding.param_shardings(cfg, sharding.make_mesh())  # the experts split over 4 devices, 2 processes
+params = jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: np.asarray(a)[idx]), host,
+                      shardings)
+assert params["blocks"][0]["experts"]["w_up_NxDxF"].sharding.spec != jax.sharding.PartitionSpec()
+mngr = checkpoint.manager(out + "/checkpoints", async_save=False)
+checkpoint.save(mngr, 3, params, checkpoint.step_meta(cfg, 3))
+mngr.close()
+"""
+
+
+def test_a_checkpoint_written_by_two_processes_converts_layer_by_layer(tmp_path):
+    """Each process wrote its own shards of every expert (ocdbt.process_0/1); read a layer at a time by one
+    process, the table equals that of the same parameters saved by one process, byte for byte."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2), "PYTHONPATH": str(ROOT / "tests")}
+    procs = [subprocess.Popen([sys.executable, "-c", SHARDED_SAVE, str(port), str(i), str(tmp_path / "sharded")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert (tmp_path / "sharded" / "checkpoints" / "3" / "params" / "ocdbt.process_1").is_dir()
+    single = _save(tmp_path / "single", CFG, init_params(CFG, seed=23))
+    kw = dict(shard_rows=16, batch_rows=4, progress=False)
+    a = convert_to_lut(tmp_path / "sharded", tmp_path / "lut-sharded", "nf4", **kw)
+    b = convert_to_lut(single, tmp_path / "lut-single", "nf4", **kw)
+    assert _files(a) == _files(b) and lut.open_lut(a).fingerprint == lut.fingerprint(init_params(CFG, seed=23))
