@@ -1,0 +1,228 @@
+"""Every figure the README and docs/*.md quote from a results file agrees with that file.
+
+The convention the docs follow (and this check enforces):
+- A table quotes figures from the results/*.json files linked in the paragraph directly above it (its caption) or
+  in the table itself: every number in its body cells, the first column (the row's label) excepted, must be found
+  in one of those files.
+- A sentence that links a results/*.json file quotes figures from it: every number in the sentence must be found
+  there. Numbers inside `code` (commands, names, settings) and in link targets are not figures.
+- "Found" means: some number in the file (a value, a numeric key, or a number written inside a string), possibly in
+  the unit the text gives (% of a fraction, MiB/GiB/KiB of bytes, MB/GB, ms of seconds, GFLOP/s and GB/s of per
+  second values), rounds to the printed number at its printed precision.
+Every results/ path the docs name must exist, and every relative link must resolve to a file inside the repository.
+
+Run as a script (`python tests/test_figures.py`) it prints each disagreement.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+RESULTS_JSON = re.compile(r"(?:\.\./)?(results/[\w.\-/]+?\.json)\b")
+RESULTS_ANY = re.compile(r"(?:\.\./)?(results/[\w.\-/]*\w\.\w+)")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+NUMBER = re.compile(
+    r"(?<![\w.])(?<![A-Za-z]-)([+\-−])?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:[eE]([+\-]?\d+))?"
+    r"(?![\w.]\d)(?!(?!x\b)[A-Za-z])(\s?(?:%|MiB|GiB|KiB|MB|GB/s|GB|KB|kB|ms|GFLOP/s|TFLOP/s|s\b))?")
+# the unit after a printed number -> the scales a file's value may be printed at (the value itself always counts)
+UNIT_SCALES = {"%": (100.0,), "MiB": (2.0 ** -20,), "GiB": (2.0 ** -30,), "KiB": (2.0 ** -10,), "KB": (1e-3, 2.0 ** -10),
+               "kB": (1e-3, 2.0 ** -10), "MB": (1e-6, 2.0 ** -20), "GB": (1e-9, 2.0 ** -30), "GB/s": (1e-9,),
+               "ms": (1e3,), "s": (1e-3,), "GFLOP/s": (1e-9,), "TFLOP/s": (1e-12,)}
+
+
+@functools.lru_cache(maxsize=None)
+def file_numbers(path: Path) -> tuple[float, ...]:
+    """Every number in a JSON file: values, numeric keys, and numbers written inside strings."""
+    found: list[float] = []
+    plain = re.compile(r"[+\-]?\d+(?:\.\d+)?(?:[eE][+\-]?\d+)?")
+
+    def walk(x):
+        if isinstance(x, bool) or x is None:
+            return
+        if isinstance(x, (int, float)):
+            if math.isfinite(x):
+                found.append(float(x))
+        elif isinstance(x, str):
+            found.extend(float(m.replace(",", "")) for m in plain.findall(x.replace(",", "")))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(json.loads(path.read_text()))
+    return tuple(found)
+
+
+def figures(text: str) -> list[tuple[str, float, float, str]]:
+    """The numbers a piece of text quotes: (as printed, value, half a unit of its last printed digit, unit)."""
+    text = re.sub(r"`[^`]*`", " ", text)  # code: commands, names, settings
+    text = LINK.sub(" ", text)  # link targets
+    text = RESULTS_ANY.sub(" ", text)  # paths named in the text
+    out = []
+    for m in NUMBER.finditer(text):
+        sign, whole, frac, exp, unit = m.groups()
+        start = m.start()
+        if sign == "-" and start > 0 and text[start - 1].isdigit():  # a range, 1.5-2.3: not a minus sign
+            sign = None
+        value = float(whole.replace(",", "") + (frac or ""))
+        decimals = len(frac) - 1 if frac else 0
+        half = 0.5 * 10.0 ** -decimals
+        if exp is not None:
+            value *= 10.0 ** int(exp)
+            half *= 10.0 ** int(exp)
+        if sign in ("-", "−"):
+            value = -value
+        out.append((m.group(0).strip(), value, half, (unit or "").strip()))
+    return out
+
+
+def found(value: float, half: float, unit: str, numbers: tuple[float, ...]) -> bool:
+    scales = (1.0, *UNIT_SCALES.get(unit, ()))
+    tol = half * (1 + 1e-9) + 1e-12 * abs(value)
+    return any(abs(n * s - value) <= tol for n in numbers for s in scales)
+
+
+def _blocks(text: str):
+    """(first line number, lines) of each block of a markdown text: paragraphs, tables, list items; fenced code is
+    skipped (it holds commands and sample output)."""
+    block: list[str] = []
+    start = 0
+    fenced = False
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            if block:
+                yield start, block
+            block = []
+            continue
+        if fenced:
+            continue
+        is_table = line.lstrip().startswith("|")
+        new_item = re.match(r"\s*(?:[-*]|\d+\.)\s", line) is not None
+        if not line.strip() or (block and (is_table != block[-1].lstrip().startswith("|") or new_item)):
+            if block:
+                yield start, block
+            block = []
+        if line.strip():
+            if not block:
+                start = i
+            block.append(line)
+    if block:
+        yield start, block
+
+
+def _sources(text: str, root: Path) -> list[Path]:
+    return [root / p for p in dict.fromkeys(RESULTS_JSON.findall(text))]
+
+
+def problems(text: str, name: str = "doc", root: Path = ROOT) -> list[str]:
+    """Each figure of `text` that its results file does not hold, and each named results file that is missing."""
+    out = []
+    for path in dict.fromkeys(RESULTS_ANY.findall(text)):
+        if not (root / path).is_file():
+            out.append(f"{name}: {path} does not exist")
+    previous: list[str] = []
+    for line_no, block in _blocks(text):
+        if block[0].lstrip().startswith("|"):
+            sources = [p for p in _sources("\n".join(previous + block), root) if p.is_file()]
+            if sources:
+                numbers = tuple(n for p in sources for n in file_numbers(p))
+                for k, row in enumerate(block[2:], line_no + 2):  # the header and its rule are not figures
+                    cells = row.strip().strip("|").split("|")
+                    for cell in cells[1:]:
+                        for shown, value, half, unit in figures(cell):
+                            if not found(value, half, unit, numbers):
+                                out.append(f"{name}:{k}: {shown!r} is not in {', '.join(p.name for p in sources)}")
+        else:
+            paragraph = " ".join(s.strip() for s in block)
+            for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z(*\[])", paragraph):
+                sources = [p for p in _sources(sentence, root) if p.is_file()]
+                if not sources:
+                    continue
+                numbers = tuple(n for p in sources for n in file_numbers(p))
+                for shown, value, half, unit in figures(sentence):
+                    if not found(value, half, unit, numbers):
+                        out.append(f"{name}:{line_no}: {shown!r} is not in {', '.join(p.name for p in sources)} "
+                                   f"({sentence[:80]}...)")
+        previous = block
+    return out
+
+
+def link_problems(doc: Path) -> list[str]:
+    """Relative links that point at nothing, or outside the repository."""
+    out = []
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (doc.parent / target.split("#")[0]).resolve()
+        if not path.is_relative_to(ROOT):
+            out.append(f"{doc.name}: link {target} leaves the repository")
+        elif not path.exists():
+            out.append(f"{doc.name}: link {target} points at nothing")
+    return out
+
+
+def test_every_quoted_figure_agrees_with_its_results_file():
+    bad = [p for doc in DOCS for p in problems(doc.read_text(), doc.relative_to(ROOT).as_posix())]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_docs_quote_figures_from_results_files():
+    """The check has something to check: tables and sentences that cite results files, in README and docs."""
+    cited = {doc.name: len(RESULTS_JSON.findall(doc.read_text())) for doc in DOCS}
+    assert cited["README.md"] >= 5 and sum(cited.values()) >= 20, cited
+
+
+def test_links_resolve_inside_the_repository():
+    bad = [p for doc in DOCS for p in link_problems(doc)]
+    assert not bad, "\n".join(bad)
+
+
+def test_a_figure_changed_by_hand_is_reported(tmp_path):
+    """A copy of README with one table figure and one sentence figure altered fails the check, naming each."""
+    readme = (ROOT / "README.md").read_text()
+    assert not problems(readme, "README.md")
+    table_fig, prose_fig = "5.0898", "1.0002x"  # MoLE-4E's validation loss (a table); the device memory (a sentence)
+    assert readme.count(table_fig) >= 1 and readme.count(prose_fig) == 1
+    altered = readme.replace(table_fig, "5.0998", 1)
+    bad = problems(altered, "README.md")
+    assert len(bad) == 1 and "'5.0998'" in bad[0], bad
+    altered = readme.replace(prose_fig, "1.0102x")
+    bad = problems(altered, "README.md")
+    assert len(bad) == 1 and "'1.0102x'" in bad[0], bad
+
+
+def test_the_check_itself(tmp_path):
+    """The rules on a small document: rounding to the printed precision, units, ranges, code and labels exempt,
+    a missing file named."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text(json.dumps(
+        {"rows": [{"model": "dense", "ms": 33.46, "ratio": 1.0349, "bytes": 3 * 2 ** 20, "frac": 0.523},
+                  {"model": "mole", "ms": 1456.3, "delta": -0.04127, "s": 2.24, "note": "peak 208.4 GF"}]}))
+    ok = ("Caption ([r.json](results/r.json)).\n\n| model | ms | x |\n|---|---|---|\n"
+          "| dense 160M, 1 | 33.5 | 1.03x |\n| mole | 1,456 | -0.0413 |\n\n"
+          "It takes 3.0 MiB, 52% of the peak (208 GFLOP/s), 2,240 ms, 1.0-1.03x with `--steps 64` "
+          "([results/r.json](results/r.json)). Unlinked 9.99 is not checked.\n")
+    assert problems(ok, root=tmp_path) == []
+    wrong = ok.replace("33.5", "33.6").replace("52%", "53%").replace("-0.0413", "0.0413")
+    bad = problems(wrong, root=tmp_path)
+    assert len(bad) == 3 and all(any(f"'{v}'" in b for b in bad) for v in ("33.6", "53%", "0.0413")), bad
+    assert problems("See results/none.json.", root=tmp_path) == ["doc: results/none.json does not exist"]
+
+
+if __name__ == "__main__":
+    bad = [p for doc in DOCS for p in problems(doc.read_text(), doc.relative_to(ROOT).as_posix())]
+    bad += [p for doc in DOCS for p in link_problems(doc)]
+    print("\n".join(bad) or "every quoted figure agrees with its file")
+    sys.exit(1 if bad else 0)
