@@ -33,6 +33,7 @@ NUMBER = re.compile(
     r"(?<![\w.])(?<![A-Za-z]-)([+\-−])?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:[eE]([+\-]?\d+))?"
     r"(?!\d)(?![.,]\d)(?!(?!x\b)[A-Za-z])(\s?(?:%|MiB|GiB|KiB|MB|GB/s|GB|KB|kB|ms|GFLOP/s|TFLOP/s|s\b))?")
 # the unit after a printed number -> the scales a file's value may be printed at (the value itself always counts)
+HEADER_UNIT = re.compile(r"(GFLOP/s|TFLOP/s|MiB|GiB|KiB|MB|GB|ms|%)(?![\w/])")
 UNIT_SCALES = {"%": (100.0,), "MiB": (2.0 ** -20,), "GiB": (2.0 ** -30,), "KiB": (2.0 ** -10,), "KB": (1e-3, 2.0 ** -10),
                "kB": (1e-3, 2.0 ** -10), "MB": (1e-6, 2.0 ** -20), "GB": (1e-9, 2.0 ** -30), "GB/s": (1e-9,),
                "ms": (1e3,), "s": (1e-3,), "GFLOP/s": (1e-9,), "TFLOP/s": (1e-12,)}
@@ -64,19 +65,21 @@ def file_numbers(path: Path) -> tuple[float, ...]:
     return tuple(found)
 
 
-def figures(text: str) -> list[tuple[str, float, float, str]]:
-    """The numbers a piece of text quotes: (as printed, value, half a unit of its last printed digit, unit)."""
+def figures(text: str, unit_default: str = "") -> list[tuple[str, float, float, str]]:
+    """The numbers a piece of text quotes: (as printed, value, half a unit of its last printed digit, unit); a
+    number printed without a unit takes `unit_default` (a table column's, from its header)."""
     text = re.sub(r"`[^`]*`", " ", text)  # code: commands, names, settings
     text = LINK.sub(" ", text)  # link targets
     text = RESULTS_ANY.sub(" ", text)  # paths named in the text
     text = re.sub(r"\b\d{4}-\d{2}-\d{2}\b", " ", text)  # dates
     out = []
     matches = list(NUMBER.finditer(text))
-    units = [m.group(5) for m in matches]
+    units = [m.group(5) or "" for m in matches]
     for i in range(len(matches) - 2, -1, -1):  # "1,506 / 1,539 MiB": a unit covers the numbers listed before it
         if not units[i] and re.fullmatch(r"\s*/\s*", text[matches[i].end():matches[i + 1].start()]):
             units[i] = units[i + 1]
     for m, unit in zip(matches, units):
+        unit = unit.strip() or unit_default
         sign, whole, frac, exp, _ = m.groups()
         start = m.start()
         if sign == "-" and start > 0 and text[start - 1].isdigit():  # a range, 1.5-2.3: not a minus sign
@@ -89,7 +92,7 @@ def figures(text: str) -> list[tuple[str, float, float, str]]:
             half *= 10.0 ** int(exp)
         if sign in ("-", "−"):
             value = -value
-        out.append((m.group(0).strip(), value, half, (unit or "").strip()))
+        out.append((m.group(0).strip(), value, half, unit))
     return out
 
 
@@ -144,10 +147,12 @@ def problems(text: str, name: str = "doc", root: Path = ROOT) -> list[str]:
             sources = [p for p in _sources("\n".join(previous + block), root) if p.is_file()]
             if sources:
                 numbers = tuple(n for p in sources for n in file_numbers(p))
+                header = [HEADER_UNIT.search(h) for h in block[0].strip().strip("|").split("|")]
                 for k, row in enumerate(block[2:], line_no + 2):  # the header and its rule are not figures
                     cells = row.strip().strip("|").split("|")
-                    for cell in cells[1:]:
-                        for shown, value, half, unit in figures(cell):
+                    for j, cell in enumerate(cells[1:], 1):
+                        unit = header[j].group(1) if j < len(header) and header[j] else ""
+                        for shown, value, half, unit in figures(cell, unit):
                             if not found(value, half, unit, numbers):
                                 out.append(f"{name}:{k}: {shown!r} is not in {', '.join(p.name for p in sources)}")
         else:
