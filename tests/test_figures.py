@@ -200,6 +200,26 @@ def test_links_resolve_inside_the_repository():
     assert not bad, "\n".join(bad)
 
 
+def test_the_papers_tables_are_in_the_repository_and_cited():
+    """The paper's published accuracies, which the experiment reports print beside the measured figures, are read by
+    default from a file inside the repository that cites the paper."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from lab import cli
+
+    path = Path(cli.PAPER_TABLES).resolve()
+    assert path == ROOT / "experiments" / "paper_tables.json" and path.is_file()
+    tables = json.loads(path.read_text())
+    source = tables["source"]
+    assert source["title"] == "Mixture of Lookup Experts" and source["arxiv"] == "2503.15798"
+    assert "ICML 2025" in source["venue"] and source["authors"].startswith("Shibo Jie")
+    # spot values of the published tables (Table 3's averages, Table 6, Table 8) as the docs quote them
+    assert [tables["table3_main"]["160M"][m]["AVG"] for m in ("Dense", "MoE-10E", "MoLE-4E", "MoE-34E", "MoLE-16E")] \
+        == [38.8, 40.3, 40.8, 41.8, 41.9]
+    assert [tables["table6_num_experts_160M"][n]["AVG"] for n in ("2", "4", "8", "16", "32")] \
+        == [39.7, 40.8, 41.1, 41.9, 42.3]
+    assert [tables["table8_lut_quantization_160M_MoLE4E"][k]["AVG"] for k in ("FP16", "NF4", "NF3")] == [40.8, 40.9, 40.5]
+
+
 def test_a_figure_changed_by_hand_is_reported(tmp_path):
     """A copy of README with one table figure and one sentence figure altered fails the check, naming each."""
     readme = (ROOT / "README.md").read_text()
