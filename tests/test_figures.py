@@ -7,8 +7,10 @@ The convention the docs follow (and this check enforces):
 - A sentence that links a results/*.json file quotes figures from it: every number in the sentence must be found
   there. Numbers inside `code` (commands, names, settings) and in link targets are not figures.
 - "Found" means: some number in the file (a value, a numeric key, or a number written inside a string), possibly in
-  the unit the text gives (% of a fraction, MiB/GiB/KiB of bytes, MB/GB, ms of seconds, GFLOP/s and GB/s of per
-  second values), rounds to the printed number at its printed precision.
+  the unit the text gives or its table column's header gives (% of a fraction, MiB/GiB/KiB of bytes, MB/GB, ms of
+  seconds, GFLOP/s and GB/s of per-second values), rounds to the printed number at its printed precision. Numbers
+  listed as "x / y / z" (one measurement at several settings) must also stand in that order in one group of the
+  file (a dict's values, or one key across a list's rows, at equal steps), so a swapped or borrowed value fails.
 Every results/ path the docs name must exist, and every relative link must resolve to a file inside the repository.
 
 Run as a script (`python tests/test_figures.py`) it prints each disagreement.
@@ -65,9 +67,34 @@ def file_numbers(path: Path) -> tuple[float, ...]:
     return tuple(found)
 
 
-def figures(text: str, unit_default: str = "") -> list[tuple[str, float, float, str]]:
-    """The numbers a piece of text quotes: (as printed, value, half a unit of its last printed digit, unit); a
-    number printed without a unit takes `unit_default` (a table column's, from its header)."""
+@functools.lru_cache(maxsize=None)
+def file_groups(path: Path) -> tuple[tuple[float, ...], ...]:
+    """The numbers of a JSON file that belong together: a dict's own numeric values, a list's numeric items, and one
+    key's values across the dicts of a list or of a dict (e.g. one measurement at every batch size)."""
+    groups: list[tuple[float, ...]] = []
+
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def walk(x):
+        children = list(x.values()) if isinstance(x, dict) else x if isinstance(x, list) else []
+        if not children:
+            return
+        groups.append(tuple(float(v) for v in children if num(v)))
+        dicts = [c for c in children if isinstance(c, dict)]
+        for key in {k for d in dicts for k in d}:
+            groups.append(tuple(float(d[key]) for d in dicts if num(d.get(key))))
+        for c in children:
+            walk(c)
+
+    walk(json.loads(path.read_text()))
+    return tuple(g for g in groups if len(g) > 1)
+
+
+def figures(text: str, unit_default: str = "") -> list[tuple[str, float, float, str, int]]:
+    """The numbers a piece of text quotes: (as printed, value, half a unit of its last printed digit, unit, run); a
+    number printed without a unit takes `unit_default` (a table column's, from its header). Numbers listed with
+    " / " between them ("1.02 / 0.97 / 0.99 ms": one measurement at several settings) share a run number."""
     text = re.sub(r"`[^`]*`", " ", text)  # code: commands, names, settings
     text = LINK.sub(" ", text)  # link targets
     text = RESULTS_ANY.sub(" ", text)  # paths named in the text
@@ -78,7 +105,11 @@ def figures(text: str, unit_default: str = "") -> list[tuple[str, float, float, 
     for i in range(len(matches) - 2, -1, -1):  # "1,506 / 1,539 MiB": a unit covers the numbers listed before it
         if not units[i] and re.fullmatch(r"\s*/\s*", text[matches[i].end():matches[i + 1].start()]):
             units[i] = units[i + 1]
-    for m, unit in zip(matches, units):
+    runs = [0] * len(matches)
+    for i in range(1, len(matches)):
+        joined = re.fullmatch(r"\s*/\s*", text[matches[i - 1].end():matches[i].start()]) is not None
+        runs[i] = runs[i - 1] if joined else runs[i - 1] + 1
+    for m, unit, run in zip(matches, units, runs):
         unit = unit.strip() or unit_default
         sign, whole, frac, exp, _ = m.groups()
         start = m.start()
@@ -92,8 +123,30 @@ def figures(text: str, unit_default: str = "") -> list[tuple[str, float, float, 
             half *= 10.0 ** int(exp)
         if sign in ("-", "−"):
             value = -value
-        out.append((m.group(0).strip(), value, half, unit))
+        out.append((m.group(0).strip(), value, half, unit, run))
     return out
+
+
+def unmatched(quoted: list[tuple[str, float, float, str, int]], sources: list[Path]) -> list[str]:
+    """The figures of `quoted` that `sources` do not hold; a run of several (x / y / z) must be consecutive items of
+    one group of one file (file_groups), in the order printed, not merely each somewhere in it."""
+    numbers = tuple(n for p in sources for n in file_numbers(p))
+    groups = tuple(g for p in sources for g in file_groups(p))
+    bad = [shown for shown, value, half, unit, _ in quoted if not found(value, half, unit, numbers)]
+    for run in sorted({q[4] for q in quoted}):
+        members = [q for q in quoted if q[4] == run]
+        if len(members) > 1 and not any(q[0] in bad for q in members) and not any(
+                together(members, g) for g in groups):
+            bad.append(" / ".join(q[0] for q in members) + " (not in this order in one group)")
+    return bad
+
+
+def together(members: list[tuple[str, float, float, str, int]], group: tuple[float, ...]) -> bool:
+    """Whether the run's numbers are items of the group at equal steps (consecutive, or one every k items: a list of
+    rows ordered by setting, then model), in the order printed."""
+    n = len(members)
+    return any(all(found(value, half, unit, (group[i + j * k],)) for j, (_, value, half, unit, _) in enumerate(members))
+               for k in range(1, len(group)) for i in range(len(group) - (n - 1) * k))
 
 
 def found(value: float, half: float, unit: str, numbers: tuple[float, ...]) -> bool:
@@ -146,26 +199,22 @@ def problems(text: str, name: str = "doc", root: Path = ROOT) -> list[str]:
         if block[0].lstrip().startswith("|"):
             sources = [p for p in _sources("\n".join(previous + block), root) if p.is_file()]
             if sources:
-                numbers = tuple(n for p in sources for n in file_numbers(p))
                 header = [HEADER_UNIT.search(h) for h in block[0].strip().strip("|").split("|")]
                 for k, row in enumerate(block[2:], line_no + 2):  # the header and its rule are not figures
                     cells = row.strip().strip("|").split("|")
                     for j, cell in enumerate(cells[1:], 1):
                         unit = header[j].group(1) if j < len(header) and header[j] else ""
-                        for shown, value, half, unit in figures(cell, unit):
-                            if not found(value, half, unit, numbers):
-                                out.append(f"{name}:{k}: {shown!r} is not in {', '.join(p.name for p in sources)}")
+                        for shown in unmatched(figures(cell, unit), sources):
+                            out.append(f"{name}:{k}: {shown!r} is not in {', '.join(p.name for p in sources)}")
         else:
             paragraph = " ".join(s.strip() for s in block)
             for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z(*\[])", paragraph):
                 sources = [p for p in _sources(sentence, root) if p.is_file()]
                 if not sources:
                     continue
-                numbers = tuple(n for p in sources for n in file_numbers(p))
-                for shown, value, half, unit in figures(sentence):
-                    if not found(value, half, unit, numbers):
-                        out.append(f"{name}:{line_no}: {shown!r} is not in {', '.join(p.name for p in sources)} "
-                                   f"({sentence[:80]}...)")
+                for shown in unmatched(figures(sentence), sources):
+                    out.append(f"{name}:{line_no}: {shown!r} is not in {', '.join(p.name for p in sources)} "
+                               f"({sentence[:80]}...)")
         previous = block
     return out
 
@@ -232,6 +281,13 @@ def test_a_figure_changed_by_hand_is_reported(tmp_path):
     altered = readme.replace(prose_fig, "1.0102x")
     bad = problems(altered, "README.md")
     assert len(bad) == 1 and "'1.0102'" in bad[0], bad
+    # a row of one measurement at batch 1 / 8 / 32: each value is somewhere in the file, but not in this order
+    decoding = (ROOT / "docs" / "decoding.md").read_text()
+    assert not problems(decoding, "decoding.md")
+    row, swapped = "| `mole-device` | 1.00 / 0.92 / 1.01 |", "| `mole-device` | 1.00 / 1.01 / 0.92 |"
+    assert decoding.count(row) == 1
+    bad = problems(decoding.replace(row, swapped), "decoding.md")
+    assert len(bad) == 1 and "'1.00 / 1.01 / 0.92 (not in this order in one group)'" in bad[0], bad
 
 
 def test_the_check_itself(tmp_path):
@@ -240,9 +296,10 @@ def test_the_check_itself(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "r.json").write_text(json.dumps(
         {"rows": [{"model": "dense", "ms": 33.46, "ratio": 1.0349, "bytes": 3 * 2 ** 20, "frac": 0.523},
-                  {"model": "mole", "ms": 1456.3, "delta": -0.04127, "s": 2.24, "note": "peak 208.4 GF"}]}))
+                  {"model": "mole", "ms": 1456.3, "delta": -0.04127, "s": 2.24, "note": "peak 208.4 GF"}],
+         "by_batch": {"1": 0.91, "8": 0.97, "32": 1.12}}))
     ok = ("Caption ([r.json](results/r.json)).\n\n| model | ms | x |\n|---|---|---|\n"
-          "| dense 160M, 1 | 33.5 | 1.03x |\n| mole | 1,456 | -0.0413 |\n\n"
+          "| dense 160M, 1 | 33.5 | 1.03x |\n| mole | 1,456 | -0.0413 |\n| by batch | 0.91 / 0.97 / 1.12 | |\n\n"
           "It takes 3.0 MiB, 52% of the peak (208 GFLOP/s), 2,240 ms, 1.0-1.03x with `--steps 64` "
           "([results/r.json](results/r.json)). Unlinked 9.99 is not checked.\n")
     assert problems(ok, root=tmp_path) == []
@@ -250,6 +307,8 @@ def test_the_check_itself(tmp_path):
     bad = problems(wrong, root=tmp_path)
     assert len(bad) == 3 and all(any(f"'{v}'" in b for b in bad) for v in ("33.6", "53%", "0.0413")), bad
     assert problems("See results/none.json.", root=tmp_path) == ["doc: results/none.json does not exist"]
+    bad = problems(ok.replace("0.91 / 0.97 / 1.12", "0.97 / 0.91 / 1.12"), root=tmp_path)  # each in the file, reordered
+    assert len(bad) == 1 and "(not in this order in one group)" in bad[0], bad
 
 
 if __name__ == "__main__":
