@@ -34,8 +34,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 NUMBER = re.compile(
     r"(?<![\w.])(?<![A-Za-z]-)([+\-−])?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:[eE]([+\-]?\d+))?"
     r"(?!\d)(?![.,]\d)(?!(?!x\b)[A-Za-z])(\s?(?:%|MiB|GiB|KiB|MB|GB/s|GB|KB|kB|ms|GFLOP/s|TFLOP/s|s\b))?")
+HEADER_UNIT = re.compile(r"(GFLOP/s|TFLOP/s|MiB|GiB|KiB|MB|GB|ms|%)(?![\w/])")  # a table column's unit
 # the unit after a printed number -> the scales a file's value may be printed at (the value itself always counts)
-HEADER_UNIT = re.compile(r"(GFLOP/s|TFLOP/s|MiB|GiB|KiB|MB|GB|ms|%)(?![\w/])")
 UNIT_SCALES = {"%": (100.0,), "MiB": (2.0 ** -20,), "GiB": (2.0 ** -30,), "KiB": (2.0 ** -10,), "KB": (1e-3, 2.0 ** -10),
                "kB": (1e-3, 2.0 ** -10), "MB": (1e-6, 2.0 ** -20), "GB": (1e-9, 2.0 ** -30), "GB/s": (1e-9,),
                "ms": (1e3,), "s": (1e-3,), "GFLOP/s": (1e-9,), "TFLOP/s": (1e-12,)}
