@@ -1,6 +1,6 @@
 """The authors' released checkpoints in and out (Hugging Face directory: config.json + safetensors).
 
-Key names and shapes follow JieShibo/MoLE (modeling_dense/moe/mole/mole_rep.py); see mole.md section 8.
+Key names and shapes follow JieShibo/MoLE (modeling_dense/moe/mole/mole_rep.py) (the released checkpoints' format).
 PyTorch Linear weights are [out, in]; ours are [in, out] with heads split out, so the mapping transposes.
 Safetensors are read with the `safetensors` numpy API (no torch); a `.bin` only through torch's weights-only
 loader, never by plain unpickling.
