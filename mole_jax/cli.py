@@ -106,6 +106,14 @@ def check_output(path: str, *, file: bool = False) -> None:
         raise MoleError(f"cannot create {target}: {ancestor} is not writable")
 
 
+def make_parents(*files: str | None) -> None:
+    """The missing parent directories of output files, created once every argument was checked: the one rule of
+    every output path (train, convert, upcycle and import-hf create their directories' parents too)."""
+    for f in files:
+        if f is not None and not _is_url(f):
+            Path(f).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+
+
 def _cmd_import_hf(args):
     if not os.path.isdir(os.path.expanduser(args.src)):
         raise MoleError(f"{args.src} is not a directory (expected a Hugging Face model directory)")
@@ -298,6 +306,7 @@ def _cmd_bench_convert(args):
         check_output(args.json, file=True)
     from mole_jax.bench.convert import bench_convert
 
+    make_parents(args.json)
     bench_convert(preset=args.preset, vocab_sizes=args.vocab_sizes, dtype=args.dtype, batch_rows=args.batch_rows,
                   shard_rows=args.shard_rows, json_path=args.json)
 
@@ -426,6 +435,9 @@ def _cmd_bench_decode(args):
             check_output(path, file=file)
     from mole_jax.bench.decode import bench_decode
 
+    make_parents(args.json, args.plot)
+    if args.workdir is not None:
+        Path(args.workdir).expanduser().mkdir(parents=True, exist_ok=True)
     bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                  link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
                  dtype=args.dtype, device_rows=args.device_rows, steps_per_dispatch=args.steps_per_dispatch,
@@ -448,9 +460,11 @@ def _add_bench_decode(bench_sub):
                    help="untimed steps before each turn of timed steps")
     p.add_argument("--steps-per-dispatch", type=int, default=16, action=POSITIVE_INT,
                    help="K of the rows whose program reads every row itself (default 16)")
-    p.add_argument("--lut-dtype", default="float16", choices=TABLE_SCHEMES,
+    # the schemes of whole bytes per value: the modeled transfer time counts bytes per stored value
+    p.add_argument("--lut-dtype", default="float16", choices=[s for s in TABLE_SCHEMES if not s.startswith("nf")],
                    help="table scheme (the paper stores float16)")
-    p.add_argument("--dtype", default=None, help="activations/params dtype (default float32 on CPU, else bfloat16)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="activations/params dtype (default float32 on CPU, else bfloat16)")
     p.add_argument("--device-rows", type=int, default=None, action=POSITIVE_INT,
                    help="the *-tier rows' device tier: this many of the most frequent ids (default 10%% of V)")
     p.add_argument("--workdir", default=None, help="where to write the random table (default: a temporary dir)")
@@ -612,7 +626,7 @@ def _cmd_eval(args):
     print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  tokens {r['tokens']:,}  "
           f"(split {r['split']}, step {r['step']})")
     if args.json:
-        Path(args.json).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        make_parents(args.json)
         with open(os.path.expanduser(args.json), "w") as f:
             json.dump(r, f, indent=2)
             f.write("\n")
@@ -647,6 +661,7 @@ def _cmd_bench_train(args):
         raise MoleError(f"--dtype {args.dtype} and --set dtype={overrides['dtype']} disagree: give one of them")
     from mole_jax.bench.train import bench_train
 
+    make_parents(args.json)
     bench_train(preset_size=args.preset_size, tokens_per_step=args.tokens,
                 seq_len=args.seq_len, micro_tokens=args.micro_tokens, iters=args.iters, dtype=args.dtype,
                 devices=args.devices, json_path=args.json,

@@ -74,7 +74,7 @@ BAD = [
     (["bench", "decode", "--batch-sizes", "1,0"], ["--batch-sizes must be a positive integer, got 0"]),
     (["bench", "decode", "--steps", "0"], ["--steps"]),
     (["bench", "decode", "--steps-per-dispatch", "0"], ["--steps-per-dispatch"]),
-    (["bench", "decode", "--lut-dtype", "int4"], ["invalid choice"]),
+    (["bench", "decode", "--lut-dtype", "nf4"], ["invalid choice"]),
     (["bench", "decode", "--json", "FILE/d.json"], ["is a file"]),
     (["bench", "convert", "--vocab-sizes", "8192,-1"], ["--vocab-sizes"]),
     (["bench", "convert", "--shard-rows", "0"], ["--shard-rows"]),

@@ -4,6 +4,7 @@ where `generate` and `eval` find it; `generate`/`eval --tokenizer` and `mole_jax
 one for a single call. A tokenizer.json beside the weights is imported as before. No network: the tokenizer is a
 small BPE trained here with the `tokenizers` library, the checkpoint random weights under the official names."""
 
+import json
 import shutil
 
 import numpy as np
@@ -108,10 +109,12 @@ def test_eval_takes_a_tokenizer(released, tmp_path):
     args = ["eval", tmp_path / "bare", "--data", tmp_path / "text.txt", "--split", "all", "--seq-len", "16",
             "--batch-size", "2", "--max-windows", "4"]
     _one_error_line(*run_cli(*args), "no tokenizer.json")  # text data needs a tokenizer
-    status, out, err = run_cli(*args, "--tokenizer", tok_dir / "tokenizer.json")
+    report = tmp_path / "results" / "eval" / "bare.json"  # its parents are created, as for every output
+    status, out, err = run_cli(*args, "--tokenizer", tok_dir / "tokenizer.json", "--json", report)
     assert status == 0 and out.startswith("loss ") and "tokens 64 " in out, (out, err)
     loss = float(out.split()[1])
     assert np.isfinite(loss) and 0 < loss < 2 * np.log(97)
+    assert json.loads(report.read_text())["tokens"] == 64
 
 
 def test_bad_tokenizer_is_one_line_and_nothing_written(released, tmp_path):
