@@ -1,5 +1,8 @@
 """The `mole-jax` command. Each subcommand is a thin layer over the Python API; bad input exits 2 with one line
-on stderr (no traceback). Heavy imports happen inside the subcommands so that `--help` is instant."""
+on stderr (no traceback). Heavy imports happen inside the subcommands so that `--help` is instant, and so that
+arguments are refused before any work: ranges and choices as they are parsed (a size of 0 is an error, never the
+default), then the existence of inputs and the writability of outputs, before JAX is imported or anything
+written."""
 
 from __future__ import annotations
 
