@@ -396,7 +396,8 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
     tokenizer: written to OUT/tokenizer.json, where `load`, `generate` and `eval` find it: a tokenizer.json, a
     directory holding one, or a tokenizers.Tokenizer (default: SRC/tokenizer.json if there is one). The released
     checkpoints carry none; they use GPT-NeoX-20B's.
-    Everything is checked (config, tensor names, tokenizer, destination) before a tensor is read or OUT written.
+    The config, the tensor names, the tokenizer and OUT are checked before a tensor is read; OUT is written only
+    after every tensor was read and checked.
     """
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
     hf_cfg = read_hf_config(src)
