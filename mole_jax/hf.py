@@ -409,6 +409,7 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
     if tokenizer is None and (src / checkpoint.TOKENIZER).is_file():
         tokenizer = src / checkpoint.TOKENIZER
     checked_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer, cfg.vocab_size)
+    _check_tensor_headers(cfg, tensors, with_experts=not inference_form)
     _fresh_destination(out, overwrite)
     params = params_from_hf(cfg, tensors.get, tensors.names, with_experts=not inference_form)
     tmp = _build_dir(out)
@@ -429,6 +430,16 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_tensor_headers(cfg: ModelConfig, tensors: TensorSource, *, with_experts: bool) -> None:
+    """Every tensor the config needs is present with its shape, from the files' headers alone (params_from_hf
+    checks the same as it reads, for callers that give tensors another way)."""
+    for name, shape in hf_shapes(cfg, with_experts=with_experts).items():
+        if name not in tensors.names:
+            raise MoleError(f"checkpoint is missing tensor {name!r}")
+        if tensors.shape(name) != shape:
+            raise MoleError(f"tensor {name!r} has shape {tensors.shape(name)}; the config needs {shape}")
 
 
 def _import_table(cfg: ModelConfig, tensors: TensorSource, lut_dir: Path) -> str:
