@@ -89,6 +89,10 @@ def evaluate(run_dir: str | Path, *, data_source=None, split: str = "val", batch
     the run's own data. split: "val" / "train" (the run's deterministic split) or "all" (every window).
     The windows are the run's: seq_len + 1 tokens at stride seq_len. tokenizer: what reads text data (a
     tokenizer.json, a directory holding one, or a tokenizers.Tokenizer; default: the run's tokenizer.json)."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("devices", devices),
+                        ("max_windows", max_windows)):  # None is the default; 0 is an error, not the default
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise MoleError(f"{name} must be a positive integer, got {value!r}")
     ref = checkpoint.locate(run_dir)
     if not checkpoint.read_meta(run_dir).get("has_experts", True):
         raise MoleError(f"{ref.path} is MoLE's inference form: evaluate the training-form checkpoint")

@@ -61,7 +61,8 @@ def config_from_hf(hf: dict, *, moe_top_k: int | None = None) -> ModelConfig:
         return ModelConfig(kind="dense", ffn_dim=width, **common)
     n = need("num_experts")
     if kind == "moe":
-        k = moe_top_k or hf.get("num_experts_per_tok") or 2  # the released code hard-codes 10 (a bug); paper: 2
+        # the released code hard-codes 10 (a bug); paper: 2. A given 0 is refused below, not taken as "unset".
+        k = moe_top_k if moe_top_k is not None else hf.get("num_experts_per_tok") or 2
         if not 0 < k <= n:
             raise MoleError(f"MoE top-k {k} must be in [1, num_experts={n}]")
         return ModelConfig(kind="moe", ffn_dim=0, expert_dim=width, num_experts=n, top_k=k, **common)

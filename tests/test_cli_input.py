@@ -194,3 +194,14 @@ def test_convert_writes_nothing_into_the_checkpoint(aged_checkpoint, tmp_path, m
                         lambda *a, **k: restored.append(k.get("with_experts", True)) or real(*a, **k))
     model = load(step, lut=table_dir)
     assert model.table is not None and restored == [False] and _snapshot(step) == before
+
+
+def test_python_api_sizes_of_zero_are_errors_not_defaults(tmp_path):
+    from mole_jax import hf
+    from mole_jax.evaluation import evaluate
+
+    for kwargs in (dict(max_windows=0), dict(batch_size=0), dict(seq_len=-1), dict(devices=0)):
+        with pytest.raises(MoleError, match=f"{next(iter(kwargs))} must be a positive integer"):
+            evaluate(tmp_path / "any", **kwargs)  # refused before the checkpoint is looked for
+    with pytest.raises(MoleError, match=r"MoE top-k 0 must be in \[1, num_experts=5\]"):
+        hf.config_from_hf(hf.config_to_hf(prime_config("moe")), moe_top_k=0)
