@@ -27,6 +27,7 @@ gs://); process 0 prepares the table and, after a barrier, verifies and complete
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -154,6 +155,10 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
         lut_writer.check_shard_rows(layout, cfg.vocab_size, shard_rows)
     if batch_rows is not None and shard_rows is not None and (batch_rows <= 0 or shard_rows % batch_rows):
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of shard_rows {shard_rows}")
+    for name, value in (("batch_rows", batch_rows), ("shard_rows", shard_rows)):  # 0 is not "the default"
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise MoleError(f"{name} must be a positive integer, got {value!r}")
+    _check_destination_writable(lut_dir)  # before the experts are read
     devices = list(devices or jax.local_devices())
     mesh = _local_mesh(devices)
     # Replicated: every device computes whole rows with all experts of a layer, so no collective ever splits a
@@ -161,8 +166,6 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     signature = checkpoint.params_signature(ckpt)  # before the experts are read: what the fingerprint is of
     inputs = restore_table_inputs(ckpt, cfg, NamedSharding(mesh, P()))
     fingerprint = lut.fingerprint(inputs)
-    if jax.process_index() == 0:  # so that loading the table with this checkpoint need not read the experts again
-        checkpoint.record_fingerprint(ckpt, fingerprint, signature=signature)
     resumed = {} if overwrite else lut_writer.interrupted_meta(lut_dir) or {}  # what a resume keeps unless told
     shard_rows = shard_rows or resumed.get("shard_rows") or lut_writer.default_shard_rows(layout, cfg.vocab_size)
     if resumed.get("shard_rows") == shard_rows:
@@ -171,6 +174,14 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     if not isinstance(batch_rows, int) or batch_rows <= 0 or shard_rows % batch_rows:
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of the table's shard_rows {shard_rows}")
     source = {"checkpoint": str(ref.path), "step": ref.step}
+    # The binding lives in the table, never in the checkpoint (an input, maybe read-only or shared): the signature
+    # of the parameter files the fingerprint was computed from, so that loading the table with this checkpoint
+    # need not read the experts again (decode.checkpoint_fingerprint). Recorded only if the files did not change
+    # while being read and are old enough for their mtimes to tell a later change (checkpoint.RACY_NS).
+    now_ns = time.time_ns()
+    if signature == checkpoint.params_signature(ckpt) and all(
+            mtime <= now_ns - checkpoint.RACY_NS for _, mtime in signature.values()):
+        source["params_files"] = signature
     writer = _start_writer(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
                            overwrite=overwrite, checksum=checksum, source=source,
                            producer={"batch_rows": batch_rows, **producer_settings(devices)})
@@ -180,6 +191,23 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     finally:
         writer.release()
     return writer.location
+
+
+def _check_destination_writable(lut_dir) -> None:
+    """A local table directory that cannot be created or written is refused now, not after the experts were read
+    and tabulated; nothing is created here (the writer creates the directory, missing parents included)."""
+    if not isinstance(lut_dir, (str, os.PathLike)) or "://" in str(lut_dir):  # a kvstore URL or spec: Tensorstore
+        return  # checks it as it opens
+    target = Path(lut_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise MoleError(f"destination {target} exists and is not a directory")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MoleError(f"cannot create {target}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MoleError(f"destination {target} is not writable ({ancestor}: permission denied)")
 
 
 def producer_settings(devices) -> dict:
