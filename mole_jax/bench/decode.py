@@ -288,15 +288,15 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
 
 def profile_turn(model: LanguageModel, template, turns: Turns, directory: Path, *,
                  before: Callable[[], Any] | None = None) -> Path:
-    """A jax.profiler trace of a turn of two dispatches' worth of decode steps (at least 8) of a model that has
-    run already (compiled: no compilation in the trace), taken apart from the timed turns so that the profiler
-    does not slow them; `before` runs first, outside the trace (a cold turn's page-cache drop). Written in
-    `directory` (TensorBoard's profile plugin reads directory/plugins/profile; the *.trace.json.gz there opens in
-    ui.perfetto.dev). Returns `directory`."""
+    """A jax.profiler trace of a turn of two dispatches' worth of decode steps (at least 8, at most a timed turn
+    and its warmup: what the KV cache holds) of a model that has run already (compiled: no compilation in the
+    trace), taken apart from the timed turns so that the profiler does not slow them; `before` runs first, outside
+    the trace (a cold turn's page-cache drop). Written in `directory` (TensorBoard's profile plugin reads
+    directory/plugins/profile; the *.trace.json.gz there opens in ui.perfetto.dev). Returns `directory`."""
     if before is not None:
         before()
     directory.mkdir(parents=True, exist_ok=True)
-    steps = max(2 * _steps_per_dispatch(model), 8)
+    steps = min(max(2 * _steps_per_dispatch(model), 8), turns.warmup + turns.chunk)  # within the KV cache
     with jax.profiler.trace(str(directory)):
         with jax.profiler.TraceAnnotation(f"decode {directory.name}"):
             time_turn(model, template, steps, 0, sampler=turns.sampler, text_N=turns.text_N)
