@@ -645,6 +645,7 @@ class _Loop:
                                    tc.seq_len)
         self.val_windows = run.val_windows[:tc.eval_batches * self.evaluator.batch]
         self.val_loss: float | None = None
+        self.synced: tuple[dict, dict] | None = None  # the values and extras of the last step read by _sync
         self.log = _MetricsLog(run, mngr, start, progress=progress)
 
     def _initial_state(self) -> TrainState:
