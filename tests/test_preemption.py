@@ -70,7 +70,10 @@ def _when_logged(out: Path, step: int, procs: list[subprocess.Popen]) -> None:
     """Return once `out` has logged `step` (the run is then at that step or one later)."""
     deadline = time.monotonic() + TIMEOUT_S
     while _logged_step(out) < step:
-        assert all(p.poll() is None for p in procs), "the run ended before the step to signal at"
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"the run ended (status {p.returncode}) before step {step} was logged: "
+                            + p.stderr.read()[-3000:])
         assert time.monotonic() < deadline, f"step {step} was not logged in time"
         time.sleep(0.005)  # polling the file: the run logs a step every few milliseconds
 
