@@ -102,6 +102,8 @@ def _check_equals(out: Path, reference: dict[int, float]) -> None:
 
 def test_sigterm_then_sigint_on_four_devices_resume_to_the_uninterrupted_loss(tmp_path, token_file, reference,
                                                                                monkeypatch):
+    if threading.current_thread() is not threading.main_thread():  # signals sent to this process need its handlers
+        pytest.skip("signal handlers are installed from the main thread only")
     rng = random.Random()
     out = tmp_path / "run"
     cmd = ["train", *ARGS, "--data", str(token_file), "--out", str(out)]
