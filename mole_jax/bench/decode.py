@@ -258,11 +258,6 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
             tier = getattr(model.decoder, "tier_counts", None)  # a device tier's lookups: this batch size's hit rate
             hits0, tokens0 = (tier.hits, tier.tokens) if tier else (0, 0)
             times, sent = time_against_dense(name, model, ref, template, turns, before=before)
-            if profile_dir is not None:
-                profile_turn(model, template, turns, profile_dir / f"{name}-batch{B}", before=before)
-                if name == DECODE_MODELS[1]:  # Dense once per batch size, beside the first model
-                    profile_turn(dense, template, turns, profile_dir / f"dense-batch{B}")
-            del template
             if ref is dense:
                 dense_times[B] += times["dense"]
                 dense_sent[B] += sent["dense"]
@@ -277,6 +272,11 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
             print(f"  {name:<20} batch {B:>3}: {rows[-1]['ms_per_step']:8.3f} ms/step "
                   f"({rows[-1]['vs_dense']:.3f} x dense in the same turns), "
                   f"{rows[-1]['h2d_bytes_per_step']:,.0f} bytes/step host->device")
+            if profile_dir is not None:  # after the row's counts (hit rate, rereads) are taken
+                profile_turn(model, template, turns, profile_dir / f"{name}-batch{B}", before=before)
+                if name == DECODE_MODELS[1]:  # Dense once per batch size, beside the first model
+                    profile_turn(dense, template, turns, profile_dir / f"dense-batch{B}")
+            del template
         del model
     return rows + [{"model": "dense", "batch_size": B, "steps_per_dispatch": K, "ms_per_step":
                     median(dense_times[B]) * 1e3, "vs_dense": 1.0, "dense_steps_per_dispatch": K,
