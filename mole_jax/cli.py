@@ -345,8 +345,11 @@ def _cmd_generate(args):
     for path, what in ((args.lut, "lookup table"), (args.token_counts, "token counts"), (args.tokenizer, "tokenizer")):
         if path is not None:
             check_input(path, what)
-    from mole_jax import load  # with tokenizer=: read and checked before the weights
+    import contextlib
 
+    import jax
+
+    from mole_jax import load  # with tokenizer=: read and checked before the weights
     from mole_jax.decoder import check_steps_per_dispatch
 
     check_steps_per_dispatch(args.steps_per_dispatch)
@@ -359,12 +362,36 @@ def _cmd_generate(args):
     ids = model.encode(args.prompt) if as_text else prompt_ids
     eos = args.eos_id if args.eos_id is not None else (model.eos_id if as_text else None)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos, seed=args.seed)
-    new, shown = [], ""
     if as_text:
         sys.stdout.write(args.prompt)
+    # --profile: the whole generation, prefill and compilation included, each token's host work a "decode" step
+    trace = (contextlib.nullcontext() if args.profile is None else
+             jax.profiler.trace(str(args.profile)))
+    with trace:
+        n, t0 = _print_stream(model, model.stream(ids, args.max_new_tokens, **kw), as_text)
+    secs = time.perf_counter() - t0
+    where = f", LUT on {model.placement}" if model.placement else ""
+    tier = model.decoder.tier_counts if hasattr(model.decoder, "tier_counts") else None
+    if tier is not None:
+        where += f" behind a device tier of {len(model.decoder.source.ids_K):,} rows, hit rate {tier.hit_rate:.3f}"
+    print(f"[{n} tokens, {1000 * secs / max(n - 1, 1):.1f} ms/token after the first{where}, "
+          f"{model.h2d_bytes:,} bytes host->device]", file=sys.stderr)
+    if args.profile is not None:
+        print(f"[profile in {args.profile}: tensorboard --logdir {args.profile}, or its *.trace.json.gz in "
+              "ui.perfetto.dev]", file=sys.stderr)
+
+
+def _print_stream(model, steps, as_text: bool):
+    """Print the tokens of `steps` (model.stream) as they come; each one's host work is a StepTraceAnnotation
+    "decode" (the profile plugin's steps). Returns the token count and the time the first token arrived."""
+    import jax
+
+    new, shown = [], ""
     t0, n = time.perf_counter(), 0
-    for step in model.stream(ids, args.max_new_tokens, **kw):
-        if step[0] is None:
+    while True:
+        with jax.profiler.StepTraceAnnotation("decode", step_num=n):
+            step = next(steps, None)
+        if step is None or step[0] is None:
             break
         n += 1
         if n == 1:
@@ -382,13 +409,7 @@ def _cmd_generate(args):
         text = model.decode(new)
         sys.stdout.write(text[len(shown):] if text.startswith(shown) else text)
     sys.stdout.write("\n")
-    secs = time.perf_counter() - t0
-    where = f", LUT on {model.placement}" if model.placement else ""
-    tier = model.decoder.tier_counts if hasattr(model.decoder, "tier_counts") else None
-    if tier is not None:
-        where += f" behind a device tier of {len(model.decoder.source.ids_K):,} rows, hit rate {tier.hit_rate:.3f}"
-    print(f"[{n} tokens, {1000 * secs / max(n - 1, 1):.1f} ms/token after the first{where}, "
-          f"{model.h2d_bytes:,} bytes host->device]", file=sys.stderr)
+    return n, t0
 
 
 def _add_generate(sub):
@@ -429,6 +450,9 @@ def _add_generate(sub):
     p.add_argument("--eos-id", type=int, default=None, action=NON_NEGATIVE_INT,
                    help="stop token (default with --prompt: the tokenizer's <|endoftext|>)")
     p.add_argument("--seed", type=int, default=0, action=NON_NEGATIVE_INT)
+    p.add_argument("--profile", type=_profile_dir, metavar="DIR",
+                   help="write a jax.profiler trace of the generation to DIR (TensorBoard's profile plugin, "
+                        "Perfetto)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -444,7 +468,7 @@ def _cmd_bench_decode(args):
     bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                  link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
                  dtype=args.dtype, device_rows=args.device_rows, steps_per_dispatch=args.steps_per_dispatch,
-                 workdir=args.workdir, json_path=args.json, plot_path=args.plot)
+                 workdir=args.workdir, json_path=args.json, plot_path=args.plot, profile_dir=args.profile)
 
 
 def _add_bench_decode(bench_sub):
@@ -473,6 +497,9 @@ def _add_bench_decode(bench_sub):
     p.add_argument("--workdir", default=None, help="where to write the random table (default: a temporary dir)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also plot ms/step per batch size to this image (matplotlib)")
+    p.add_argument("--profile", type=_profile_dir, metavar="DIR",
+                   help="after each row's timing, a jax.profiler trace of a few of its decode steps, in "
+                        "DIR/MODEL-batchB (TensorBoard's profile plugin, Perfetto)")
     p.set_defaults(func=_cmd_bench_decode)
 
 
@@ -509,6 +536,28 @@ def _model_from_args(args):
     return cfg, overrides, config_file, name
 
 
+def _profile_steps(text: str) -> tuple[int, int]:
+    """--profile-steps A:B: steps A to B, 1-based and inclusive (checked by argparse: one line, exit 2)."""
+    first, sep, last = text.partition(":")
+    try:
+        steps = (int(first), int(last)) if sep else None
+    except ValueError:
+        steps = None
+    if steps is None or not 1 <= steps[0] <= steps[1]:
+        raise argparse.ArgumentTypeError(f"expected two step numbers A:B with 1 <= A <= B (e.g. 10:12), got {text!r}")
+    return steps
+
+
+def _profile_dir(text: str):
+    """--profile DIR of generate and bench decode: a directory (created if missing), not a file."""
+    from pathlib import Path
+
+    where = Path(text).expanduser().absolute()
+    if where.exists() and not where.is_dir():
+        raise argparse.ArgumentTypeError(f"{where} is a file, not a directory")
+    return where
+
+
 def _cmd_train(args):
     check_output(args.out)
     if args.tensorboard is not None:
@@ -537,10 +586,15 @@ def _cmd_train(args):
     cfg = cfg.replace(dtype=dtype)
     if "dtype" in overrides:  # recorded as it runs (an explicit --dtype wins over the run's override)
         overrides["dtype"] = dtype
-    result = train_mod.train(cfg, tc, out=args.out, data_source=args.data, tokenizer=args.tokenizer,
-                             devices=args.devices, preset=args.preset, progress=not args.no_progress,
-                             overrides=overrides, config_file=config_file, peak_tflops=args.peak_tflops,
-                             tensorboard=False if args.no_tensorboard else args.tensorboard)
+    try:
+        result = train_mod.train(cfg, tc, out=args.out, data_source=args.data, tokenizer=args.tokenizer,
+                                 devices=args.devices, preset=args.preset, progress=not args.no_progress,
+                                 overrides=overrides, config_file=config_file, peak_tflops=args.peak_tflops,
+                                 tensorboard=False if args.no_tensorboard else args.tensorboard,
+                                 profile_steps=args.profile_steps)
+    except train_mod.Preempted as stopped:  # saved: every process says so and exits 128 + the signal number
+        print(f"mole-jax: {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(stopped.exit_code) from None
     if jax.process_index() == 0:
         val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         loss = f": loss {result.loss:.4f}{val}" if result.loss is not None else " (already complete)"
@@ -607,6 +661,9 @@ def _add_train(sub):
                         help="write TensorBoard event files of every metrics record here (default: OUT/tensorboard "
                              "when tensorboardX is installed: pip install 'mole-jax[tensorboard]')")
     events.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    p.add_argument("--profile-steps", type=_profile_steps, metavar="A:B",
+                   help="write a jax.profiler trace of steps A to B (inclusive) to OUT/profile, for TensorBoard's "
+                        "profile plugin or Perfetto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, action=POSITIVE_INT,
