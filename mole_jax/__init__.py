@@ -3,7 +3,7 @@
 The public API (kept small; everything else is reachable through the modules):
     presets                        name -> ModelConfig (the paper's Table 2 and CPU-sized tiny-*/small-*)
     ModelConfig, TrainConfig       configuration
-    load(path, lut=None, lut_placement="device")   a checkpoint -> LanguageModel: .logits(ids),
+    load(path, lut=None, lut_placement="device", tokenizer=None)   a checkpoint -> LanguageModel: .logits(ids),
                                    .generate(prompts, max_new_tokens, ...), .stream(...), .generate_text(text, ...)
     import_hf(src, out), export_hf(ckpt, out)   the authors' checkpoints in and out
     upcycle(dense_ckpt, out, num_experts=4)   a trained Dense checkpoint -> a MoLE run directory (step 0 = Dense)
@@ -30,12 +30,27 @@ from mole_jax.config import ModelConfig, MoleError, TrainConfig, get_preset, pre
 __version__ = "0.1.0"
 
 _LAZY = {  # public name -> the module that defines it
-    "LanguageModel": "mole_jax.decode", "load": "mole_jax.decode",
+    "LanguageModel": "mole_jax.decode",
     "import_hf": "mole_jax.hf", "export_hf": "mole_jax.hf",
     "convert_to_lut": "mole_jax.convert", "open_lut": "mole_jax.lut", "evaluate": "mole_jax.evaluation",
     "upcycle": "mole_jax.upcycling",
 }
-__all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", *_LAZY]
+__all__ = ["ModelConfig", "MoleError", "TrainConfig", "get_preset", "presets", "load", *_LAZY]
+
+
+def load(path, lut=None, lut_placement: str = "device", *, tokenizer=None, **kwargs):
+    """`mole_jax.decode.load` (see there for lut, lut_placement and the other keywords), with the tokenizer its
+    text methods (.encode, .decode, .generate_text) use: tokenizer=None takes RUN_DIR/tokenizer.json; a
+    tokenizer.json, a directory holding one, or a tokenizers.Tokenizer replaces it, e.g. GPT-NeoX-20B's for the
+    authors' released checkpoints, which carry none. It is read and checked against the model's vocabulary before
+    the weights are."""
+    from mole_jax import checkpoint, decode, hf
+
+    given = None if tokenizer is None else hf.load_tokenizer(tokenizer, checkpoint.model_config(path).vocab_size)
+    model = decode.load(path, lut, lut_placement, **kwargs)
+    if given is not None:
+        model._tokenizer = given  # what the LanguageModel.tokenizer property would otherwise read from RUN_DIR
+    return model
 
 
 def __getattr__(name: str):

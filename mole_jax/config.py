@@ -1,7 +1,7 @@
 """One ModelConfig for the three model kinds (dense | moe | mole), the paper's presets, and TrainConfig.
 
-Field names follow the paper (mole.md section 3); `to_hf`/`from_hf` in hf.py map them to the authors' LlamaConfig
-fields. Every preset of a size shares the backbone, so Dense, MoE and MoLE differ only in the FFN part.
+Field names follow the paper (arXiv 2503.15798, section 3); `to_hf`/`from_hf` in hf.py map them to the authors'
+LlamaConfig fields. Every preset of a size shares the backbone, so Dense, MoE and MoLE differ only in the FFN part.
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def get_preset(name: str) -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and run settings (the paper's recipe as defaults: mole.md section 4)."""
+    """Optimisation and run settings (the paper's training recipe as defaults)."""
 
     steps: int = 1000
     # Steps the learning-rate schedule spans (warmup and cosine); None: `steps`. Fixed when a run starts (run.json),

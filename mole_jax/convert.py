@@ -43,6 +43,7 @@ gs://); process 0 prepares the table and, after a barrier, verifies and complete
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -300,8 +301,12 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
         lut_writer.check_shard_rows(layout, cfg.vocab_size, shard_rows)
     if batch_rows is not None and shard_rows is not None and (batch_rows <= 0 or shard_rows % batch_rows):
         raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of shard_rows {shard_rows}")
-    if not isinstance(buffer_bytes, int) or buffer_bytes <= 0:
+    for name, value in (("batch_rows", batch_rows), ("shard_rows", shard_rows)):  # 0 is not "the default"
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise MoleError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool) or buffer_bytes <= 0:
         raise MoleError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
+    _check_destination_writable(lut_dir)  # before the experts are read
     devices = list(devices or jax.local_devices())
     mesh = _local_mesh(devices)
     source = CheckpointLayers(ckpt, cfg)
@@ -310,7 +315,7 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     replicated = NamedSharding(mesh, P())
     with _stop_on(stop_signals) as stop:
         embed_VxD = source.embedding()
-        fingerprint = _fingerprint(ckpt, source, embed_VxD, cfg.num_layers)
+        fingerprint, signature = _fingerprint(ckpt, source, embed_VxD, cfg.num_layers)
         embed_VxD = jax.device_put(embed_VxD, replicated)
         resumed = {} if overwrite else lut_writer.interrupted_meta(lut_dir) or {}  # what a resume keeps unless told
         shard_rows = shard_rows or resumed.get("shard_rows") or default_shard_rows(cfg, layout)
@@ -321,6 +326,8 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
             raise MoleError(f"batch_rows {batch_rows} must be a positive divisor of the table's shard_rows "
                             f"{shard_rows}")
         source_meta = {"checkpoint": str(ref.path), "step": ref.step}
+        if signature is not None:
+            source_meta["params_files"] = signature
         writer = _start_writer(lut_dir, cfg, scheme, fingerprint, block=block, shard_rows=shard_rows,
                                overwrite=overwrite, checksum=checksum, source=source_meta,
                                producer={"batch_rows": batch_rows, **producer_settings(devices)})
@@ -334,21 +341,22 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     return writer.location
 
 
-def _fingerprint(ckpt, source: CheckpointLayers, embed_VxD: np.ndarray, num_layers: int) -> str:
-    """The fingerprint of the table inputs: the one recorded beside the checkpoint if its parameter files are
-    those it was computed from, else computed layer by layer (one pass over the experts) and recorded."""
-    recorded = checkpoint.recorded_fingerprint(ckpt)
-    if recorded is not None:
-        return recorded
+def _fingerprint(ckpt, source: CheckpointLayers, embed_VxD: np.ndarray, num_layers: int) -> tuple[str, dict | None]:
+    """The fingerprint of the table inputs, computed layer by layer (one pass over the experts, at most two layers
+    in memory), and the signature of the parameter files it was computed from, for the table's binding (None if
+    they changed while being read or are too recent for their mtimes to tell a later change, checkpoint.RACY_NS).
+    The binding lives in the table, never in the checkpoint (an input, maybe read-only or shared), so that loading
+    the table with this checkpoint need not read the experts again (decode.checkpoint_fingerprint)."""
     signature = checkpoint.params_signature(ckpt)  # before the experts are read: what the fingerprint is of
     loader = _LayerLoader(source)
     try:
         fingerprint = lut.fingerprint_of(embed_VxD, loader.layers(num_layers))
     finally:
         loader.close()
-    if jax.process_index() == 0:  # so that loading the table with this checkpoint need not read the experts again
-        checkpoint.record_fingerprint(ckpt, fingerprint, signature=signature)
-    return fingerprint
+    now_ns = time.time_ns()
+    unchanged = signature == checkpoint.params_signature(ckpt) and all(
+        mtime <= now_ns - checkpoint.RACY_NS for _, mtime in signature.values())
+    return fingerprint, signature if unchanged else None
 
 
 @contextlib.contextmanager
@@ -376,6 +384,23 @@ def _stop_on(signals):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _check_destination_writable(lut_dir) -> None:
+    """A local table directory that cannot be created or written is refused now, not after the experts were read
+    and tabulated; nothing is created here (the writer creates the directory, missing parents included)."""
+    if not isinstance(lut_dir, (str, os.PathLike)) or "://" in str(lut_dir):  # a kvstore URL or spec: Tensorstore
+        return  # checks it as it opens
+    target = Path(lut_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise MoleError(f"destination {target} exists and is not a directory")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MoleError(f"cannot create {target}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MoleError(f"destination {target} is not writable ({ancestor}: permission denied)")
 
 
 def producer_settings(devices) -> dict:

@@ -319,24 +319,28 @@ def _check_table_shape(table, cfg: ModelConfig) -> None:
 
 def _open_table(table_or_dir, expected_fingerprint: str | Callable[[], str], what) -> LookupTable:
     """The table (opened if a location is given), which must have been built from these weights: its fingerprint
-    must equal `expected_fingerprint` (or what it returns, asked once the table has opened)."""
+    must equal `expected_fingerprint` (or what it returns for the table, asked once the table has opened)."""
     table = table_or_dir if isinstance(table_or_dir, LookupTable) else open_lut(table_or_dir)
     if callable(expected_fingerprint):
-        expected_fingerprint = expected_fingerprint()
+        expected_fingerprint = expected_fingerprint(table)
     if table.fingerprint != expected_fingerprint:
         raise MoleError(f"the lookup table at {table.path} was built from another checkpoint than {what} "
                         f"(fingerprint {table.fingerprint[:12]} != {expected_fingerprint[:12]})")
     return table
 
 
-def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig) -> str:
-    """lut.fingerprint of a MoLE training-form checkpoint's table inputs: the one recorded beside it when its
-    parameter files are unchanged since (no expert is read), else computed from the experts, read on the host (they
-    never reach the device), and recorded for the next load (checkpoint.record_fingerprint)."""
+def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig, table: LookupTable | None = None) -> str:
+    """lut.fingerprint of a MoLE training-form checkpoint's table inputs: the table's own when `convert_to_lut`
+    recorded in it that it was converted from exactly these parameter files (same paths, sizes and mtimes), or the
+    one recorded beside the checkpoint when its files are unchanged since (no expert is read either way), else
+    computed from the experts, read on the host (they never reach the device), and recorded for the next load
+    (checkpoint.record_fingerprint)."""
+    signature = checkpoint.params_signature(path)
+    if table is not None and (table.meta.get("source") or {}).get("params_files") == signature:
+        return table.fingerprint
     recorded = checkpoint.recorded_fingerprint(path)
     if recorded is not None:
         return recorded
-    signature = checkpoint.params_signature(path)
     _, inputs = checkpoint.restore_params(path, cfg=cfg, as_numpy=True, select=table_inputs)
     computed = fingerprint(inputs)
     checkpoint.record_fingerprint(path, computed, signature=signature)
@@ -352,8 +356,9 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     lut: MoLE only: a lookup table directory (or an opened table) to decode with, in inference form: the routed
         experts never reach the device. An inference-form checkpoint (imported from the authors' `moe_table`)
         uses RUN_DIR/lut by default. The table must have been built from this checkpoint's weights: checked
-        against the fingerprint recorded beside the checkpoint (`checkpoint_fingerprint`), so the experts are read
-        only on the first load after the checkpoint's files were written or changed.
+        against the parameter files the table records it was converted from, else the fingerprint recorded beside
+        the checkpoint (`checkpoint_fingerprint`), so the experts are read at most on the first load after the
+        checkpoint's files were written or changed.
     lut_placement: where the table lives while decoding: "device", "host" (RAM) or "storage" (disk).
     offload_experts: MoE only: keep the routed experts in host memory (the paper's offloading baseline).
     host_read: the host placement's reads: "program" (the compiled step reads host memory; default) or "gather"
@@ -396,6 +401,6 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     if lut is None:
         _, params = checkpoint.restore_params(path, cfg=cfg)
         return LanguageModel(cfg, params, **kw)
-    table = _open_table(lut, lambda: checkpoint_fingerprint(ref.path, cfg), ref.path)
+    table = _open_table(lut, lambda opened: checkpoint_fingerprint(ref.path, cfg, opened), ref.path)
     _, params = checkpoint.restore_params(path, cfg=cfg, with_experts=False)
     return LanguageModel(cfg, params, table=table, tier_K=device_tier(table, ref.run_dir, **tier), **kw)

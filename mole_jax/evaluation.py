@@ -81,12 +81,18 @@ class Evaluator:
 
 
 def evaluate(run_dir: str | Path, *, data_source=None, split: str = "val", batch_size: int | None = None,
-             seq_len: int | None = None, devices: int | None = None, max_windows: int | None = None) -> dict:
+             seq_len: int | None = None, devices: int | None = None, max_windows: int | None = None,
+             tokenizer=None) -> dict:
     """Mean next-token cross-entropy (nats), perplexity and token count of a checkpoint on a split of a corpus.
 
     run_dir: a run directory (its latest step), or any checkpoint `mole_jax.load` accepts. data_source: default:
     the run's own data. split: "val" / "train" (the run's deterministic split) or "all" (every window).
-    The windows are the run's: seq_len + 1 tokens at stride seq_len."""
+    The windows are the run's: seq_len + 1 tokens at stride seq_len. tokenizer: what reads text data (a
+    tokenizer.json, a directory holding one, or a tokenizers.Tokenizer; default: the run's tokenizer.json)."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("devices", devices),
+                        ("max_windows", max_windows)):  # None is the default; 0 is an error, not the default
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise MoleError(f"{name} must be a positive integer, got {value!r}")
     ref = checkpoint.locate(run_dir)
     if not checkpoint.read_meta(run_dir).get("has_experts", True):
         raise MoleError(f"{ref.path} is MoLE's inference form: evaluate the training-form checkpoint")
@@ -96,7 +102,7 @@ def evaluate(run_dir: str | Path, *, data_source=None, split: str = "val", batch
     seq_len = seq_len or tc.seq_len
     if seq_len > cfg.max_seq_len:
         raise MoleError(f"sequence length {seq_len} exceeds the model's maximum of {cfg.max_seq_len}")
-    corpus = _open_run_corpus(run_dir, ref, run, data_source, cfg.vocab_size)
+    corpus = _open_run_corpus(run_dir, ref, run, data_source, cfg.vocab_size, tokenizer)
     windows = data.windows_for_split(corpus.tokens.size, seq_len, tc.val_fraction, split)
     if max_windows:
         windows = windows[:max_windows]
@@ -112,10 +118,14 @@ def evaluate(run_dir: str | Path, *, data_source=None, split: str = "val", batch
             "windows": int(windows.size), "step": ref.step, "seq_len": seq_len, "checkpoint": str(ref.path)}
 
 
-def _open_run_corpus(run_dir, ref: checkpoint.StepDir, run: dict, data_source, vocab_size: int) -> data.Corpus:
-    """The corpus to evaluate on (default: the run's own data), tokenised with the run's tokenizer."""
-    tokenizer = None
-    if ref.run_dir and (ref.run_dir / checkpoint.TOKENIZER).is_file():
+def _open_run_corpus(run_dir, ref: checkpoint.StepDir, run: dict, data_source, vocab_size: int,
+                     tokenizer=None) -> data.Corpus:
+    """The corpus to evaluate on (default: the run's own data), tokenised with `tokenizer`, else the run's."""
+    if tokenizer is not None:
+        from mole_jax.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer, vocab_size)
+    elif ref.run_dir and (ref.run_dir / checkpoint.TOKENIZER).is_file():
         tokenizer = ref.run_dir / checkpoint.TOKENIZER
     if data_source is None:
         if "data" not in run:

@@ -1,6 +1,6 @@
 """The authors' released checkpoints in and out (Hugging Face directory: config.json + safetensors).
 
-Key names and shapes follow JieShibo/MoLE (modeling_dense/moe/mole/mole_rep.py); see mole.md section 8.
+Key names and shapes follow JieShibo/MoLE (modeling_dense/moe/mole/mole_rep.py) (the released checkpoints' format).
 PyTorch Linear weights are [out, in]; ours are [in, out] with heads split out, so the mapping transposes.
 Safetensors are read with the `safetensors` numpy API (no torch); a `.bin` only through torch's weights-only
 loader, never by plain unpickling.
@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from mole_jax import checkpoint, lut_writer
+from mole_jax import checkpoint, data, lut_writer
 from mole_jax.config import ModelConfig, MoleError
 from mole_jax.model import Params, graphdef_and_shapes
 from mole_jax.schemes import FLOAT_SCHEMES
@@ -61,7 +61,8 @@ def config_from_hf(hf: dict, *, moe_top_k: int | None = None) -> ModelConfig:
         return ModelConfig(kind="dense", ffn_dim=width, **common)
     n = need("num_experts")
     if kind == "moe":
-        k = moe_top_k or hf.get("num_experts_per_tok") or 2  # the released code hard-codes 10 (a bug); paper: 2
+        # the released code hard-codes 10 (a bug); paper: 2. A given 0 is refused below, not taken as "unset".
+        k = moe_top_k if moe_top_k is not None else hf.get("num_experts_per_tok") or 2
         if not 0 < k <= n:
             raise MoleError(f"MoE top-k {k} must be in [1, num_experts={n}]")
         return ModelConfig(kind="moe", ffn_dim=0, expert_dim=width, num_experts=n, top_k=k, **common)
@@ -298,15 +299,45 @@ def read_hf_config(src: Path) -> dict:
     return hf
 
 
+# Tokenizers ---------------------------------------------------------------------------------------------------
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json at `path`: the file itself, or the one inside a directory (a Hugging Face tokenizer
+    directory such as GPT-NeoX-20B's, whose tokenizer the authors' released checkpoints use but do not carry)."""
+    given = Path(path).expanduser().absolute()
+    found = given / checkpoint.TOKENIZER if given.is_dir() else given
+    if not found.is_file():
+        where = f"{given} holds no {checkpoint.TOKENIZER}" if given.is_dir() else f"{given} does not exist"
+        raise MoleError(f"tokenizer not found: {where}")
+    return found
+
+
+def load_tokenizer(tokenizer, vocab_size: int | None = None):
+    """A `tokenizers.Tokenizer`: as given, or read from a tokenizer.json (or a directory holding one); with
+    vocab_size, refused when it has more tokens than the model's vocabulary (its ids would fall outside it)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = data.load_tokenizer(tokenizer_file(tokenizer))
+    elif not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "get_vocab_size"):
+        raise MoleError(f"tokenizer must be a path or a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+    if vocab_size is not None:
+        data.check_tokenizer(tokenizer, vocab_size)
+    return tokenizer
+
+
 # Import / export ---------------------------------------------------------------------------------------------
 def _fresh_destination(out: Path, overwrite: bool) -> None:
+    """OUT may be written: empty or missing (or replaced with overwrite), and its nearest existing ancestor is a
+    writable directory. Missing parents are created only once everything was checked (`_build_dir`), as train,
+    convert and upcycle do."""
     _remove_leftovers(out)  # first: a killed run may have left OUT moved aside
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MoleError(f"destination {out} exists and is not empty (pass overwrite to replace it)")
-    if not out.parent.exists():
-        raise MoleError(f"parent directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise MoleError(f"destination {out.parent} is not writable")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MoleError(f"cannot create {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MoleError(f"destination {ancestor} is not writable")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -321,7 +352,9 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _build_dir(out: Path) -> Path:
-    """A fresh directory beside OUT to build in, named after this process: `.OUT.partial-PID-HOST-*`."""
+    """A fresh directory beside OUT to build in, named after this process: `.OUT.partial-PID-HOST-*`; OUT's
+    missing parents are created first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-{socket.gethostname()}-",
                                  dir=out.parent))
 
@@ -353,13 +386,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None, overwrite: bool = False) -> Path:
+def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None, overwrite: bool = False,
+              tokenizer=None) -> Path:
     """Convert an authors' checkpoint (HF directory) into a mole-jax run directory that `mole_jax.load` reads.
 
     Dense, MoE and MoLE training form become an Orbax checkpoint (step 0). MoLE's inference form
     (`model.moe_table.weight`) becomes the checkpoint without experts plus its table as a LUT in OUT/lut.
     moe_top_k: experts per token for MoE (default: config's num_experts_per_tok, else 2 as in the paper; the
     released modeling_moe.py hard-codes 10).
+    tokenizer: written to OUT/tokenizer.json, where `load`, `generate` and `eval` find it: a tokenizer.json, a
+    directory holding one, or a tokenizers.Tokenizer (default: SRC/tokenizer.json if there is one). The released
+    checkpoints carry none; they use GPT-NeoX-20B's.
+    The config, the tensor names, the tokenizer and OUT are checked before a tensor is read; OUT is written only
+    after every tensor was read and checked.
     """
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
     hf_cfg = read_hf_config(src)
@@ -368,8 +407,12 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
     inference_form = MOE_TABLE in tensors.names
     if inference_form and cfg.kind != "mole":
         raise MoleError(f"{MOE_TABLE} found in a {cfg.kind} checkpoint")
-    params = params_from_hf(cfg, tensors.get, tensors.names, with_experts=not inference_form)
+    if tokenizer is None and (src / checkpoint.TOKENIZER).is_file():
+        tokenizer = src / checkpoint.TOKENIZER
+    checked_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer, cfg.vocab_size)
+    _check_tensor_headers(cfg, tensors, with_experts=not inference_form)
     _fresh_destination(out, overwrite)
+    params = params_from_hf(cfg, tensors.get, tensors.names, with_experts=not inference_form)
     tmp = _build_dir(out)
     try:
         meta_extra = {"has_experts": not inference_form, "source": {"format": "hf", "path": str(src)}}
@@ -379,13 +422,25 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
         checkpoint.save(mngr, 0, params, checkpoint.step_meta(cfg, 0, **meta_extra))
         mngr.close()
         checkpoint.write_json_atomic(tmp / checkpoint.RUN_FILE, {"model_config": cfg.to_dict(), **meta_extra})
-        if (src / "tokenizer.json").is_file():
-            shutil.copyfile(src / "tokenizer.json", tmp / checkpoint.TOKENIZER)
+        if isinstance(tokenizer, (str, os.PathLike)):  # the file as given, byte for byte
+            shutil.copyfile(tokenizer_file(tokenizer), tmp / checkpoint.TOKENIZER)
+        elif checked_tokenizer is not None:
+            checked_tokenizer.save(str(tmp / checkpoint.TOKENIZER))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_tensor_headers(cfg: ModelConfig, tensors: TensorSource, *, with_experts: bool) -> None:
+    """Every tensor the config needs is present with its shape, from the files' headers alone (params_from_hf
+    checks the same as it reads, for callers that give tensors another way)."""
+    for name, shape in hf_shapes(cfg, with_experts=with_experts).items():
+        if name not in tensors.names:
+            raise MoleError(f"checkpoint is missing tensor {name!r}")
+        if tensors.shape(name) != shape:
+            raise MoleError(f"tensor {name!r} has shape {tensors.shape(name)}; the config needs {shape}")
 
 
 def _import_table(cfg: ModelConfig, tensors: TensorSource, lut_dir: Path) -> str:
@@ -413,10 +468,10 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float32", over
     meta = checkpoint.read_meta(ckpt)
     if not meta.get("has_experts", True):
         raise MoleError("this checkpoint is MoLE's inference form; export the training-form checkpoint instead")
+    hf_cfg = config_to_hf(checkpoint.model_config(ckpt), torch_dtype=dtype)
+    _fresh_destination(out, overwrite)  # before the weights are read
     cfg, params = checkpoint.restore_params(ckpt, as_numpy=True)
-    hf_cfg = config_to_hf(cfg, torch_dtype=dtype)
     tensors = params_to_hf(cfg, params, np_dtype)
-    _fresh_destination(out, overwrite)
     tmp = _build_dir(out)
     try:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

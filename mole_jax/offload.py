@@ -1,4 +1,4 @@
-"""MoE with expert offloading: the baseline of the paper's Figure 3 (mole.md section 7).
+"""MoE with expert offloading: the baseline of the paper's Figure 3.
 
 The routed experts live in host memory (numpy). Each step runs layer by layer: a jitted call runs the block's front
 half (attention and the router's top-k choice, model.Block.front); the host reads the choice (it must: the choice

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mole_jax import checkpoint, lut
+from mole_jax import checkpoint, lut, schemes
 from mole_jax.bench.decode import Turns, time_against_dense, time_turn
 from mole_jax.bench.tools import median, write_json
 from mole_jax.config import MoleError, TrainConfig, get_preset, presets
@@ -24,6 +24,7 @@ from mole_jax.convert import convert_to_lut
 from mole_jax.decode import LanguageModel, load
 from mole_jax.decoder import DEFAULT_STEPS_PER_DISPATCH, random_state
 from mole_jax.model import init_params, without_routed_experts
+from mole_jax.row_sources import PLACEMENTS
 from mole_jax.train import train
 
 PROMPT = "The return statement"
@@ -71,10 +72,31 @@ def _table(lut_dir: Path, run: Path, dtype: str, params, progress: bool) -> lut.
         return lut.open_lut(lut_dir)
 
 
+def check_settings(out: Path, *, preset: str, table_dtype: str, placement: str, prompt: str,
+                   **sizes: int) -> None:
+    """Every setting, before anything is trained or written: a bad one found after training would leave a
+    half-made OUT behind. sizes: the counts (steps, batch_size, ...), each a positive integer."""
+    if get_preset(preset).kind != "mole":
+        mole = ", ".join(name for name, cfg in presets.items() if cfg.kind == "mole")
+        raise MoleError(f"{preset} is a {get_preset(preset).kind} model; quickstart needs a MoLE preset: {mole}")
+    schemes.check_scheme(table_dtype)
+    if placement not in PLACEMENTS:
+        raise MoleError(f"unknown LUT placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+    if not isinstance(prompt, str) or not prompt:
+        raise MoleError(f"the prompt must be non-empty text, got {prompt!r}")
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise MoleError(f"{name} must be a positive integer, got {value!r}")
+    if out.exists() and not out.is_dir():
+        raise MoleError(f"{out} is a file, not a directory")
+
+
 def run(out: str | Path = "runs/quickstart", *, preset: str = "small-mole", steps: int = 120, batch_size: int = 16,
         seq_len: int = 128, table_dtype: str = "float16", placement: str = "storage", prompt: str = PROMPT,
         max_new_tokens: int = 40, timing_steps: int = 128, progress: bool = True) -> dict:
     out = Path(out).expanduser().absolute()
+    check_settings(out, preset=preset, table_dtype=table_dtype, placement=placement, prompt=prompt, steps=steps,
+                   batch_size=batch_size, seq_len=seq_len, max_new_tokens=max_new_tokens, timing_steps=timing_steps)
     mole_cfg = get_preset(preset)
     dense_name = _dense_preset(preset)
     dense_cfg = None if dense_name is None else get_preset(dense_name)

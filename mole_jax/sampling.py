@@ -5,12 +5,13 @@ temperature / top-k / top-p with a device-side key) and carry everything the nex
 
 Top-k and top-p keep every token whose logit reaches a cutoff; only the cutoff needs the largest logits in order.
 `lax.top_k` of a static number of candidates C gives them without sorting the vocabulary, and the token is drawn
-among those candidates (a [B, C] draw: the [B, V] random draw costs more than the sort on CPU). The cutoff lies
-among the C candidates when top_k <= C, or, without top-k, when the candidates' probability reaches top_p (a
-peaked distribution); otherwise only the whole vocabulary sorted finds it. Two forms:
-- `make_sampler`: C is top_k rounded up to a power of two (exact by construction; a new C is a new trace);
-- `generation_sampler`: C fixed (GENERATE_CANDIDATES), and a row whose cutoff lies beyond the candidates sends the
-  step to the full sort (lax.cond), so that one trace serves every top_k and top_p (LanguageModel.generate).
+among those candidates (a [B, C] draw: the [B, V] random draw costs more than the sort on CPU). The candidates hold
+every kept token when the cutoff lies among them (top_k < C, or without top-k the candidates' probability reaches
+top_p) and the last candidate falls below it (no token tied with the cutoff is left out); otherwise only the whole
+vocabulary sorted finds them, and a lax.cond sends the step there. Two forms:
+- `make_sampler`: C is the power of two above top_k (a new C is a new trace);
+- `generation_sampler`: C fixed (GENERATE_CANDIDATES), so that one trace serves every top_k and top_p
+  (LanguageModel.generate); on GPU always the full sort (no conditional in the step).
 Both keep the same tokens with the same probabilities as the full sort (`probabilities`, tests/test_sampling.py); a
 draw from the same key picks among them differently.
 """
@@ -31,7 +32,7 @@ GENERATE_CANDIDATES = 128  # generation_sampler's C: covers the usual top_k sett
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("temperature", "top_k", "top_p"),
-         meta_fields=("candidates", "fallback"))
+         meta_fields=("candidates",))
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Sampling settings as device scalars, so that changing them does not retrace the step."""
@@ -40,15 +41,15 @@ class Sampler:
     top_k: jax.Array  # int32 in [1, V]; V keeps every token
     top_p: jax.Array  # float32 in (0, 1]; 1 keeps every token
     candidates: int = 0  # static: C < V, the largest logits the cutoff is looked for among; 0: all V, sorted
-    fallback: bool = False  # static: a cutoff beyond the C candidates takes the full sort (else top_k <= C holds)
 
 
 def top_k_candidates(top_k: int | None, vocab_size: int) -> int:
-    """Sampler.candidates for a top_k setting: top_k rounded up to a power of two, or 0 (the whole vocabulary
-    sorted) when there is no top-k or the power of two reaches the vocabulary."""
+    """Sampler.candidates for a top_k setting: the power of two above top_k (one more candidate than kept tokens
+    shows whether the k-th largest logit ties beyond them), or 0 (the whole vocabulary sorted) when there is no
+    top-k or the power of two reaches the vocabulary."""
     if top_k is None or top_k >= vocab_size:
         return 0
-    c = 1 << max(0, int(top_k) - 1).bit_length()
+    c = 1 << int(top_k).bit_length()
     return c if c < vocab_size else 0
 
 
@@ -67,13 +68,14 @@ def generation_sampler(temperature: float, top_k: int | None, top_p: float | Non
     for a row whose cutoff lies beyond them."""
     C = GENERATE_CANDIDATES if backend != "gpu" and GENERATE_CANDIDATES < vocab_size else 0
     return Sampler(np.float32(temperature), np.int32(min(top_k or vocab_size, vocab_size)),
-                   np.float32(top_p or 1.0), candidates=C, fallback=C > 0)
+                   np.float32(top_p or 1.0), candidates=C)
 
 
 def _cutoff(desc_BxC: jax.Array, sampler: Sampler, lse_V_Bx1: jax.Array | None = None) -> jax.Array:
     """The smallest logit kept [B, 1], from the C largest logits in descending order. The probabilities top-p
-    reads are normalised over the top-k kept tokens: those among the C when top_k <= C; with lse_V_Bx1 (the
-    log-normaliser of the whole vocabulary) and top_k > C, every token (only exact for top_k = V)."""
+    reads are normalised over the top-k kept tokens: those among the C when top_k <= C (exact unless the k-th
+    largest ties beyond them, which `_kept` checks); with lse_V_Bx1 (the log-normaliser of the whole vocabulary)
+    and top_k > C, every token (only exact for top_k = V)."""
     kth_Bx1 = desc_BxC[:, jnp.clip(sampler.top_k, 1, desc_BxC.shape[-1]) - 1][:, None]
     desc_BxC = jnp.where(desc_BxC < kth_Bx1, -jnp.inf, desc_BxC)
     lse_Bx1 = jax.nn.logsumexp(desc_BxC, axis=-1, keepdims=True)
@@ -91,8 +93,8 @@ class _Kept(NamedTuple):
 
 
 def _kept(logits_BxV: jax.Array, sampler: Sampler, then: Callable[[_Kept], jax.Array]) -> jax.Array:
-    """then(the kept tokens of the tempered logits): from the C candidates when the cutoff lies among them, else
-    from the whole vocabulary sorted (with `fallback` a runtime choice, lax.cond; without, a static one)."""
+    """then(the kept tokens of the tempered logits): from the C candidates when they hold every kept token, else
+    from the whole vocabulary sorted (a runtime choice, lax.cond)."""
     logits_BxV = logits_BxV / sampler.temperature
     V, C = logits_BxV.shape[-1], sampler.candidates
 
@@ -103,16 +105,17 @@ def _kept(logits_BxV: jax.Array, sampler: Sampler, then: Callable[[_Kept], jax.A
     if not 0 < C < V:
         return full_sort()
     desc_BxC, ids_BxC = jax.lax.top_k(logits_BxV, C)
-    lse_V_Bx1 = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True) if sampler.fallback else None
+    lse_V_Bx1 = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+    cutoff_Bx1 = _cutoff(desc_BxC, sampler, lse_V_Bx1)
 
     def candidates():
-        return then(_Kept(jnp.where(desc_BxC < _cutoff(desc_BxC, sampler, lse_V_Bx1), -jnp.inf, desc_BxC), ids_BxC))
+        return then(_Kept(jnp.where(desc_BxC < cutoff_Bx1, -jnp.inf, desc_BxC), ids_BxC))
 
-    if not sampler.fallback:
-        return candidates()
-    # Without top-k (top_k = V), the cutoff is among the candidates when their probability reaches top_p.
+    # The cutoff is among the candidates when top_k <= C, or without top-k (top_k = V) when their probability
+    # reaches top_p; they hold every token reaching it when the last one falls below it (else a tie runs on).
     mass_B = jnp.sum(jnp.exp(desc_BxC - lse_V_Bx1), axis=-1)
-    fits = jnp.all((sampler.top_k <= C) | ((sampler.top_k >= V) & (mass_B >= sampler.top_p)))
+    found_B = (sampler.top_k <= C) | ((sampler.top_k >= V) & (mass_B >= sampler.top_p))
+    fits = jnp.all(found_B & (desc_BxC[:, -1] < cutoff_Bx1[:, 0]))
     return jax.lax.cond(fits, candidates, full_sort)
 
 

@@ -33,7 +33,7 @@ SCHEMES = ("float32", "bfloat16", "float16", "int8", "nf4", "nf3")
 FLOAT_SCHEMES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                  "float16": np.dtype(np.float16)}
 NF_BITS = {"nf4": 4, "nf3": 3}
-NF_PAPER_BLOCK = {"nf4": 768, "nf3": 128}  # mole.md section 5 (paper Table 8)
+NF_PAPER_BLOCK = {"nf4": 768, "nf3": 128}  # the paper's Table 8
 
 
 # NormalFloat code books ---------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Training: the run around the compiled step of train_step.py: the run directory, resume, metrics, checkpoints
-and periodic validation (evaluation.py).
+and periodic validation (evaluation.py), profiler traces of chosen steps, and stopping on SIGTERM/SIGINT.
 
     train(model_cfg, train_cfg, out=RUN_DIR, data_source=...)   train, or resume the run in RUN_DIR
     evaluate(RUN_DIR, data_source=..., split="val")             mean next-token cross-entropy (evaluation.py)
 
 Everything the user gave is checked before anything is written. The loop dispatches step s+1 before it reads
 step s's metrics, and syncs only at checkpoint and evaluation steps, where it checks that the state to save is
-finite. See docs/training.md for the run directory, resume rules and measurements.
+finite. A SIGTERM or SIGINT lets the running step finish, saves it and raises Preempted (every process of a
+multi-process run at the same step). See docs/training.md for the run directory, resume rules, measurements,
+profiles and preemption.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mole_jax import checkpoint, data, sharding
@@ -35,7 +39,8 @@ from mole_jax.train_step import (NOMINAL_BF16_PEAK, ShardedStep, TrainState, cho
                                  matmul_peak_flops, nominal_peak, train_flops_per_token)
 
 __all__ = ["train", "evaluate", "run_model", "run_overrides", "RunResult", "initialize_distributed",
-           "RUN_CONTROL", "IMPLEMENTATION", "NOMINAL_BF16_PEAK", "nominal_peak", "peak_flops", "TENSORBOARD"]
+           "RUN_CONTROL", "IMPLEMENTATION", "NOMINAL_BF16_PEAK", "nominal_peak", "peak_flops", "TENSORBOARD", "PROFILE",
+           "Preempted", "STOP_SIGNALS"]
 
 # TrainConfig fields that may change when a run is resumed: they steer the loop, not the trajectory. `steps` only
 # says where the run stops: the learning-rate schedule spans `schedule_steps`, fixed when the run starts.
@@ -45,6 +50,12 @@ RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "ev
 IMPLEMENTATION = ("dtype", "moe_impl", "attention_impl")
 # TensorBoard event files of a run, by default (tensorboardX, the `tensorboard` extra): OUT/tensorboard.
 TENSORBOARD = "tensorboard"
+# Profiler traces of the steps `profile_steps` names: OUT/profile (OUT/profile/process<i> for each of several
+# processes, whose files would otherwise share a host name).
+PROFILE = "profile"
+# What stops training between two steps, with the running step saved (a scheduler's preemption notice or time
+# limit, kill's default, Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 # Multi-host -----------------------------------------------------------------------------------------------------
@@ -314,7 +325,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
           devices: int | None = None, preset: str | None = None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None, overrides: dict[str, Any] | None = None,
           config_file: dict[str, Any] | None = None, peak_tflops: float | None = None,
-          tensorboard: str | Path | bool | None = None) -> RunResult:
+          tensorboard: str | Path | bool | None = None, profile_steps: tuple[int, int] | None = None,
+          handle_signals: bool = True) -> RunResult:
     """Train `model_cfg` with `train_cfg` into the run directory `out`, or continue the run already there.
 
     data_source: None / "default" (the embedded corpus), text file(s) or directory, a .bin token file, or
@@ -328,6 +340,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
         float32 matmul rate measured at the start); `tflops` and `mfu` are in every metrics record.
     tensorboard: where process 0 writes TensorBoard event files of every metrics record (tensorboardX): None
         (default) OUT/tensorboard when tensorboardX is installed, True OUT/tensorboard, a directory, False none.
+    profile_steps: (A, B): a jax.profiler trace of steps A to B (1-based, inclusive) into OUT/profile, one per
+        process of several in OUT/profile/process<i> (TensorBoard's profile plugin, Perfetto: docs/training.md).
+        Steps of the range that this call does not train (done before a resume, past `steps`) are not traced.
+    handle_signals: SIGTERM or SIGINT (STOP_SIGNALS) during training lets the running step finish, saves it and
+        raises Preempted (every process of a multi-process run saves the same step); a repeated signal does not
+        interrupt the save. Only in the main thread, where Python runs signal handlers; False: the signals act
+        as they would without training.
     on_step(step, metrics): called on every process after each step's metrics are read (one step late).
     Rerunning the same call on the same `out` resumes from the latest checkpoint; the batches are a pure function
     of (seed, step), so the resumed run is the uninterrupted run. `steps` may change on resume; the learning-rate
@@ -337,6 +356,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     cfg, out = model_cfg, Path(out).expanduser().absolute()
     if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
         raise MoleError(f"--peak-tflops must be a positive number, got {peak_tflops}")
+    check_profile_steps(profile_steps, train_cfg.steps)
     tensorboard_dir = _tensorboard_dir(out, tensorboard)
     mesh = _checked_mesh(cfg, train_cfg, devices)
     tc = _fixed_schedule(train_cfg)
@@ -360,23 +380,34 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: str | Path, da
     run.tensorboard = tensorboard_dir
     if run.lead:
         _write_run_directory(run, previous, preset)
-    mngr = checkpoint.manager(out / checkpoint.CHECKPOINTS, max_to_keep=tc.keep_checkpoints,
-                              save_interval_steps=tc.checkpoint_every)
-    try:
-        return _resume(run, mngr, progress=progress, on_step=on_step)
-    finally:
-        mngr.wait_until_finished()
-        mngr.close()
+    # the handlers stay installed until the last save is committed (wait_until_finished): a repeated signal
+    # cannot cut it short
+    with _StopSignals(handle_signals) as signals:
+        mngr = checkpoint.manager(out / checkpoint.CHECKPOINTS, max_to_keep=tc.keep_checkpoints,
+                                  save_interval_steps=tc.checkpoint_every)
+        try:
+            return _resume(run, mngr, progress=progress, on_step=on_step, signals=signals,
+                           profile_steps=profile_steps)
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
 
 
-def _resume(run: _Run, mngr: ocp.CheckpointManager, *, progress: bool, on_step) -> RunResult:
+def _resume(run: _Run, mngr: ocp.CheckpointManager, *, progress: bool, on_step, signals: _StopSignals,
+            profile_steps: tuple[int, int] | None) -> RunResult:
     """Train from the latest checkpoint (or from scratch) to the last step."""
     start = mngr.latest_step() or 0
     if run.lead:
         _truncate_metrics(run.out / checkpoint.METRICS, start)
+    if profile_steps and profile_steps[0] <= start and run.lead:
+        print(f"mole-jax: the run resumes after step {start}: "
+              + (f"--profile-steps {profile_steps[0]}:{profile_steps[1]} traces steps {start + 1} to "
+                 f"{profile_steps[1]}" if profile_steps[1] > start else
+                 f"--profile-steps {profile_steps[0]}:{profile_steps[1]} traces nothing"), file=sys.stderr)
     if start >= run.tc.steps:
         return RunResult(run.out, start, None, None, run.dedup_rows, [])
-    return _Loop(run, mngr, start, progress=progress, on_step=on_step).run_steps()
+    return _Loop(run, mngr, start, progress=progress, on_step=on_step, signals=signals,
+                 profile_steps=profile_steps).run_steps()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -393,6 +424,140 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+# Profiles and preemption ----------------------------------------------------------------------------------------
+def check_profile_steps(profile_steps: tuple[int, int] | None, steps: int) -> None:
+    """A profile range is two step numbers 1 <= A <= B; a range that starts past the run's last step would trace
+    nothing on any resume: refused."""
+    if profile_steps is None:
+        return
+    if (len(profile_steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in profile_steps)
+            or not 1 <= profile_steps[0] <= profile_steps[1]):
+        raise MoleError(f"--profile-steps must be two step numbers A:B with 1 <= A <= B, got {profile_steps}")
+    if profile_steps[0] > steps:
+        raise MoleError(f"--profile-steps {profile_steps[0]}:{profile_steps[1]} starts after the run's last step "
+                        f"({steps}): nothing would be traced")
+
+
+def profile_dir(out: Path) -> Path:
+    """Where this process writes its profiler traces (jax.profiler names its files after the host, so processes
+    sharing a host need directories of their own)."""
+    root = out / PROFILE
+    return root if jax.process_count() == 1 else root / f"process{jax.process_index()}"
+
+
+class _ProfileWindow:
+    """A jax.profiler trace from before step `first` is dispatched until step `last` has run (the device work of
+    the last step is waited for, so that it is in the trace). Each step of the loop is a StepTraceAnnotation
+    "train" with its step number: the profile plugin's step markers."""
+
+    def __init__(self, steps: tuple[int, int] | None, start: int, last: int, directory: Path):
+        self.first, self.last, self.directory = None, None, directory
+        if steps is not None and max(steps[0], start + 1) <= min(steps[1], last):
+            self.first, self.last = max(steps[0], start + 1), min(steps[1], last)
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # HOST.xplane.pb for TensorBoard's profile plugin, HOST.trace.json.gz for ui.perfetto.dev
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
+class Preempted(Exception):
+    """Training stopped on a signal (STOP_SIGNALS) after saving the step that was running: rerunning the same call
+    resumes after `step`. exit_code: the shell's status for the signal (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, out: Path, step: int, signum: int):
+        self.out, self.step, self.signum = out, step, signum
+        super().__init__(f"{signal.Signals(signum).name}: saved step {step}, rerun the same command to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """While installed, SIGTERM and SIGINT are recorded, not acted on: the loop reads `signum` between steps and
+    stops there. A repeated signal only prints a line: the checkpoint being written is finished (a process killed
+    regardless leaves the previous checkpoint usable: Orbax commits a step by renaming its directory into place).
+    Python runs signal handlers in the main thread only, so elsewhere (or with enabled=False) nothing is
+    installed; the previous handlers come back on exit."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        else:
+            print(f"mole-jax: {signal.Signals(signum).name} again: finishing the checkpoint of the current step "
+                  "first", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():  # None: a handler not installed from Python (e.g. JAX's own)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+class _StopAgreement:
+    """When to stop, the same step on every process. One process: the step boundary after its signal. Several
+    (each may get the signal at another step, or only one of them may get it): after every step each process
+    dispatches a max over one int per device, each process filling its own devices' entries with its signal
+    number (0: none); the loop reads the result with that step's metrics, one step late like them, so every
+    process reads the same value at the same step and stops after the same step. No extra host synchronisation:
+    a few bytes of all-reduce behind each step, read when the step's metrics are read anyway."""
+
+    def __init__(self, mesh: Mesh, signals: _StopSignals):
+        self.signals, self.agreed = signals, None
+        self.distributed = jax.process_count() > 1
+        if self.distributed:
+            self.sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
+            self.shape = (mesh.size,)
+            self.local = len(self.sharding.addressable_devices)
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+            self._no_signal = self._flags(0)  # built once: the usual step sends nothing to the devices
+
+    def _flags(self, signum: int) -> jax.Array:
+        local = np.full(self.local, signum, np.int32)
+        return jax.make_array_from_process_local_data(self.sharding, local, self.shape)
+
+    def dispatch(self) -> jax.Array | None:
+        """After a step: this process's contribution to the agreement (None on one process)."""
+        if not self.distributed:
+            return None
+        signum = self.signals.signum
+        return self._max(self._no_signal if signum is None else self._flags(signum))
+
+    def read(self, notice: jax.Array | None) -> None:
+        if notice is not None and self.agreed is None:
+            agreed = int(jax.device_get(notice))
+            self.agreed = agreed or None
+
+    def stop_signal(self) -> int | None:
+        """The signal to stop on at this step boundary (this process's own if it got one), or None."""
+        if not self.distributed:
+            return self.signals.signum
+        return None if self.agreed is None else self.signals.signum or self.agreed
 
 
 # The loop -------------------------------------------------------------------------------------------------------
@@ -466,9 +631,12 @@ class _Loop:
     """Steps `start` to the last of a run. Step s+1 is dispatched (and the host builds its batch) before step s's
     metrics are read; the loop syncs only where it saves or evaluates, after checking that the step is finite."""
 
-    def __init__(self, run: _Run, mngr: ocp.CheckpointManager, start: int, *, progress: bool, on_step):
+    def __init__(self, run: _Run, mngr: ocp.CheckpointManager, start: int, *, progress: bool, on_step,
+                 signals: _StopSignals, profile_steps: tuple[int, int] | None = None):
         tc = run.tc
         self.run, self.mngr, self.start, self.on_step = run, mngr, start, on_step
+        self.stop = _StopAgreement(run.mesh, signals)
+        self.profile = _ProfileWindow(profile_steps, start, tc.steps, profile_dir(run.out))
         self.step = ShardedStep(run.cfg, tc, run.mesh, dedup_rows=run.dedup_rows)
         self.state = self._initial_state()
         self.batch = self._batch(start)
@@ -477,6 +645,7 @@ class _Loop:
                                    tc.seq_len)
         self.val_windows = run.val_windows[:tc.eval_batches * self.evaluator.batch]
         self.val_loss: float | None = None
+        self.synced: tuple[dict, dict] | None = None  # the values and extras of the last step read by _sync
         self.log = _MetricsLog(run, mngr, start, progress=progress)
 
     def _initial_state(self) -> TrainState:
@@ -497,41 +666,59 @@ class _Loop:
         tc, pending = self.run.tc, None
         try:
             for step in range(self.start, tc.steps):
-                self.state, metrics = self.compiled(self.state, self.batch)
                 done = step + 1
-                if done < tc.steps:  # the host builds the next batch while this step runs
-                    self.batch = self._batch(done)
-                if pending is not None:  # the previous step's metrics, read while this one runs
-                    self._report(*pending)
-                pending = (done, metrics)
-                save = done % tc.checkpoint_every == 0 or done == tc.steps  # (Orbax would also save step 1)
-                evaluate_now = bool(tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
-                if save or evaluate_now:
-                    self._sync(done, metrics, save=save, evaluate_now=evaluate_now)
-                    pending = None
+                self.profile.before(done)
+                with jax.profiler.StepTraceAnnotation("train", step_num=done):
+                    self.state, metrics = self.compiled(self.state, self.batch)
+                    notice = self.stop.dispatch()
+                    if done < tc.steps:  # the host builds the next batch while this step runs
+                        self.batch = self._batch(done)
+                    if pending is not None:  # the previous step's metrics, read while this one runs
+                        self._report(*pending)
+                    pending = (done, metrics, notice)
+                    save = done % tc.checkpoint_every == 0 or done == tc.steps  # (Orbax would also save step 1)
+                    evaluate_now = bool(tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
+                    if save or evaluate_now:
+                        self._sync(done, metrics, notice, save=save, evaluate_now=evaluate_now)
+                        pending = None
+                self.profile.after(done, self.state)
+                signum = self.stop.stop_signal()
+                if signum is not None and done < tc.steps:  # the last step is saved (and evaluated) as usual
+                    if pending is not None:  # the step's metrics not read yet: read, logged and saved now
+                        self._sync(*pending, save=True, evaluate_now=False)
+                    elif not save:  # evaluated at this step, not saved
+                        self._save(done, *self.synced)
+                    raise Preempted(self.run.out, done, signum)
         finally:
+            self.profile.stop()
             self.log.close()
         last = self.log.history[-1] if self.log.history else {}
         return RunResult(self.run.out, tc.steps, last.get("loss"), self.val_loss, self.run.dedup_rows,
                          self.log.history)
 
-    def _report(self, step: int, metrics) -> None:
+    def _save(self, step: int, values: dict[str, float], extra: dict[str, float]) -> None:
+        meta = checkpoint.step_meta(self.run.cfg, step, has_experts=True, loss=values["loss"], **extra)
+        checkpoint.save(self.mngr, step, self.state.params, meta, opt_state=self.state.opt_state, force=True)
+
+    def _report(self, step: int, metrics, notice) -> None:
         values = self.log.read(step, metrics)
+        self.stop.read(notice)
         if step % self.run.tc.log_every == 0:
             self.log.write(step, values)
         if self.on_step:
             self.on_step(step, values)
 
-    def _sync(self, step: int, metrics, *, save: bool, evaluate_now: bool) -> None:
+    def _sync(self, step: int, metrics, notice, *, save: bool, evaluate_now: bool) -> None:
         """Read the step's metrics now: what is saved or evaluated must be known finite first."""
         values, extra = self.log.read(step, metrics), {}
+        self.stop.read(notice)
         if evaluate_now and self.val_windows.size:
             self.val_loss = self.evaluator.loss(self.state.params, self.run.corpus.tokens, self.val_windows)
             extra["val_loss"] = self.val_loss
         self.log.write(step, values, **extra)
+        self.synced = (values, extra)
         if save:
-            meta = checkpoint.step_meta(self.run.cfg, step, has_experts=True, loss=values["loss"], **extra)
-            checkpoint.save(self.mngr, step, self.state.params, meta, opt_state=self.state.opt_state, force=True)
+            self._save(step, values, extra)
         if self.on_step:
             self.on_step(step, values)
         self.log.restart_clock()

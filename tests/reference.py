@@ -1,4 +1,4 @@
-"""A plain float64 numpy re-statement of the authors' models (mole.md sections 2 and 8), written from the
+"""A plain float64 numpy re-statement of the authors' models (the paper's equations and the released code), written from the
 Hugging Face tensor names and config, with loops where the real code is batched. The ground truth for tests."""
 
 from __future__ import annotations

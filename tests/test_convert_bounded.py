@@ -102,7 +102,11 @@ def test_step_and_shard_rows_follow_the_shapes():
 
 def test_bad_buffer_is_refused_in_one_line(ckpt, tmp_path):
     status, _, err = run_cli("convert", ckpt, tmp_path / "lut", "--buffer-mb", "0", "--no-progress")
-    assert status == 2 and len(err.strip().splitlines()) == 1 and "buffer_bytes" in err, err
+    assert status == 2 and err.strip().splitlines() == ["mole-jax: error: --buffer-mb must be a positive integer, "
+                                                        "got 0"], err
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(MoleError, match="buffer_bytes must be a positive integer"):
+            convert_to_lut(ckpt, tmp_path / "lut", "float16", buffer_bytes=bad, progress=False)
     assert not (tmp_path / "lut").exists()
 
 

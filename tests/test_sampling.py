@@ -117,7 +117,7 @@ def test_probabilities_equal_the_reference(form, name, t, k, p, seed):
     if k is not None:
         assert np.all(kept <= k) and np.all(kept >= 1) and (k == 1 or kept.max() > 1)
     if name.endswith("beyond-candidates"):  # the case is the one intended: the candidates cannot find the cutoff
-        assert form == "make" or (sampler.candidates == GENERATE_CANDIDATES and sampler.fallback)
+        assert form == "make" or sampler.candidates == GENERATE_CANDIDATES
         assert (k or 0) > GENERATE_CANDIDATES or kept.min() > GENERATE_CANDIDATES
 
 
@@ -142,18 +142,15 @@ def _tied_logits():
 # 0.20; over the top 6 tokens 0.47, 0.17, 0.06. top-k 5 and 6: the k-th largest is a 3, so all three 3s are kept.
 # Top-p 0.45 (and top-k 5 with top-p 0.6): the first 4 has 0.37 (0.47) before it, the second one 0.51 (0.64) in
 # sorted order, yet both are kept: the rule reads the mass of STRICTLY more likely tokens. Top-p 0.97: the cutoff is
-# deep in the tail's tied values (generation_sampler's fallback). make_sampler with top-k 4 (4 candidates) would
-# need the 3s at ranks 5 and 6 too: see the xfail.
+# deep in the tail's tied values (the full-sort fallback). Top-k 4 (make_sampler: 8 candidates) keeps the 3s at
+# ranks 4 to 6. Top-k 7: the 7th largest is the tail's top value, -1, which 67 tokens share, beyond make_sampler's 8
+# candidates; top-k 100: a -2, which ranks 74 to 315 share, beyond both forms' 128. There the last candidate ties
+# with the cutoff, which sends the step to the full sort.
 TIED_CASES = [(1.0, 5, None), (1.0, 6, None), (1.0, None, 0.45), (1.0, 5, 0.6), (0.5, None, 0.8),
-              (0.5, 5, 0.999), (1.0, None, 0.97), (1.0, 4, None)]
-TIE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "mole_jax/sampling.py make_sampler/_kept: the candidates are top_k rounded up to a power of two (4 here), so "
-    "tokens tied with the k-th largest beyond them are dropped, while the full sort and the module's rule keep "
-    "every token that reaches the cutoff; remove this marker when fixed"))
+              (0.5, 5, 0.999), (1.0, None, 0.97), (1.0, 4, None), (1.0, 7, None), (1.0, 100, None)]
 
 
-@pytest.mark.parametrize("form,t,k,p", [pytest.param(f, *c, marks=[TIE_BUG] if (f, c[1]) == ("make", 4) else [])
-                                        for f in ("make", "generation") for c in TIED_CASES])
+@pytest.mark.parametrize("form,t,k,p", [(f, *c) for f in ("make", "generation") for c in TIED_CASES])
 def test_ties_at_the_cutoff_are_kept_together(form, t, k, p):
     logits = _tied_logits()
     assert top_p_margin(logits, t, k, p) > 1e-5
@@ -167,7 +164,7 @@ def test_ties_at_the_cutoff_are_kept_together(form, t, k, p):
 
 def test_top_k_candidates():
     assert top_k_candidates(None, V) == 0 and top_k_candidates(V, V) == 0 and top_k_candidates(600, V) == 0
-    assert [top_k_candidates(k, V) for k in (1, 2, 3, 40, 64, 65)] == [1, 2, 4, 64, 64, 128]
+    assert [top_k_candidates(k, V) for k in (1, 2, 3, 40, 63, 64)] == [2, 4, 4, 64, 64, 128]
 
 
 # Draws against the reference -------------------------------------------------------------------------------------
@@ -253,16 +250,30 @@ def _primitives(fn, *args) -> set[str]:
     return set(re.findall(r"= ([a-z_]+)\[", str(jax.make_jaxpr(fn)(*args))))
 
 
-def test_top_k_path_sorts_nothing():
-    logits, key = _logits(), jax.random.key(0)
-    fast = _primitives(lambda l, k: sample(l, k, make_sampler(1.0, 40, 0.9, V)), logits, key)
-    assert "top_k" in fast and "sort" not in fast
-    assert "sort" in _primitives(lambda l, k: sample(l, k, make_sampler(1.0, None, 0.9, V)), logits, key)
+def _unconditional(fn, *args) -> set[str]:
+    """The primitives fn runs whatever its data: every equation's, nested jit calls included, but not those of a
+    cond's branches."""
+    def walk(jaxpr) -> set[str]:
+        names = set()
+        for e in jaxpr.eqns:
+            names.add(e.primitive.name)
+            if e.primitive.name != "cond":
+                for value in e.params.values():
+                    sub = getattr(value, "jaxpr", value)  # a ClosedJaxpr's Jaxpr, or a Jaxpr
+                    if hasattr(sub, "eqns"):
+                        names |= walk(sub)
+        return names
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def test_generation_sampler_sorts_only_in_its_fallback():
+@pytest.mark.parametrize("form", ["make", "generation"])
+def test_the_candidates_path_sorts_only_in_its_fallback(form):
     logits, key = _logits(), jax.random.key(0)
-    prims = _primitives(lambda x, k: sample(x, k, generation_sampler(1.0, 40, 0.9, V, "cpu")), logits, key)
-    assert {"top_k", "cond", "sort"} <= prims  # the sort is the cond's other branch
+    sampler = _sampler(form, 1.0, 40, 0.9, V)
+    prims = _primitives(lambda x, k: sample(x, k, sampler), logits, key)
+    assert {"top_k", "cond", "sort"} <= prims and "sort" not in _unconditional(lambda x, k: sample(x, k, sampler),
+                                                                          logits, key)
+    assert "sort" in _unconditional(lambda l, k: sample(l, k, make_sampler(1.0, None, 0.9, V)), logits, key)
     assert generation_sampler(1.0, 40, 0.9, V, "gpu").candidates == 0  # a predicate read on the host mid-step
     assert generation_sampler(1.0, 40, 0.9, 100, "cpu").candidates == 0  # a vocabulary within the candidates

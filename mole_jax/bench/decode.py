@@ -79,7 +79,7 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
                  link_gbps: float = 16.0, steps: int = 64, warmup: int = 16, chunk: int = 32,
                  lut_dtype: str = "float16", dtype: str | None = None, device_rows: int | None = None,
                  steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, workdir=None, json_path=None,
-                 plot_path=None) -> dict:
+                 plot_path=None, profile_dir=None) -> dict:
     """The paper's Figure 3 on this machine: decode ms/step of Dense, MoE (experts resident), MoE with expert
     offloading, and MoLE with its table on the device, in host RAM and on disk; models of equal activated size with
     random weights, each step after a KV cache of `prompt_len` positions (random keys/values: a step's cost does not
@@ -87,7 +87,9 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
     (no conversion). The models take turns, `chunk` timed steps each (after `warmup` untimed ones), until each has
     `steps`: a load that drifts during the run affects them alike. modeled = compute (the same model with nothing
     to move: dense, moe, mole-device) + bytes moved per step over a `link_gbps` link: the paper's estimation.
-    steps_per_dispatch: K of the chunked rows (a turn's steps and warmup are rounded up to whole chunks)."""
+    steps_per_dispatch: K of the chunked rows (a turn's steps and warmup are rounded up to whole chunks).
+    profile_dir: after each row's timing, a jax.profiler trace of a few of its decode steps (`profile_turn`) in
+    profile_dir/MODEL-batchB."""
     if preset_size not in DECODE_FAMILIES:
         raise MoleError(f"unknown preset size {preset_size!r}: choose one of {', '.join(DECODE_FAMILIES)}")
     if device_rows is not None and device_rows < 1:
@@ -110,7 +112,8 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
         print(f"page cache dropped: first read of {cold_check['file']} ({cold_check['bytes'] / 2**20:.1f} MiB) "
               f"{cold_check['first_read_mb_per_s']:.0f} MB/s, second read {cold_check['second_read_mb_per_s']:.0f} "
               "MB/s")
-        rows = _measure(cfgs, table, cold, batch_sizes, turns, device_rows)
+        rows = _measure(cfgs, table, cold, batch_sizes, turns, device_rows,
+                        None if profile_dir is None else Path(profile_dir))
         floor = storage_floor(cold)
     by = _derive(rows, modeled_key, link_gbps, np.dtype(lut_dtype).itemsize / np.dtype(dtype).itemsize)
 
@@ -238,9 +241,10 @@ def _held_out_text(vocab_size: int, seq_len: int = 256) -> tuple[np.ndarray, np.
 
 
 def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, batch_sizes: Sequence[int],
-             turns: Turns, device_rows: int | None = None) -> list[dict[str, Any]]:
+             turns: Turns, device_rows: int | None = None, profile_dir: Path | None = None) -> list[dict[str, Any]]:
     """One row per (model, batch size). Each model takes turns with Dense at its own steps per dispatch (its own
-    ratio is then immune to a drifting machine load), one model at a time."""
+    ratio is then immune to a drifting machine load), one model at a time. profile_dir: each row's steps traced
+    after its timing (profile_turn)."""
     K = turns.steps_per_dispatch
     build = _model_builders(cfgs, table, cold, device_rows, K)
     dense = LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0), steps_per_dispatch=K)
@@ -254,7 +258,6 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
             tier = getattr(model.decoder, "tier_counts", None)  # a device tier's lookups: this batch size's hit rate
             hits0, tokens0 = (tier.hits, tier.tokens) if tier else (0, 0)
             times, sent = time_against_dense(name, model, ref, template, turns, before=before)
-            del template
             if ref is dense:
                 dense_times[B] += times["dense"]
                 dense_sent[B] += sent["dense"]
@@ -269,6 +272,11 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
             print(f"  {name:<20} batch {B:>3}: {rows[-1]['ms_per_step']:8.3f} ms/step "
                   f"({rows[-1]['vs_dense']:.3f} x dense in the same turns), "
                   f"{rows[-1]['h2d_bytes_per_step']:,.0f} bytes/step host->device")
+            if profile_dir is not None:  # after the row's counts (hit rate, rereads) are taken
+                profile_turn(model, template, turns, profile_dir / f"{name}-batch{B}", before=before)
+                if name == DECODE_MODELS[1]:  # Dense once per batch size, beside the first model
+                    profile_turn(dense, template, turns, profile_dir / f"dense-batch{B}")
+            del template
         del model
     return rows + [{"model": "dense", "batch_size": B, "steps_per_dispatch": K, "ms_per_step":
                     median(dense_times[B]) * 1e3, "vs_dense": 1.0, "dense_steps_per_dispatch": K,
@@ -276,6 +284,23 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
                     "device_param_bytes": dense.device_param_bytes, "cache": None, "reread_fraction": None,
                     "hit_rate": None}
                    for B in batch_sizes]
+
+
+def profile_turn(model: LanguageModel, template, turns: Turns, directory: Path, *,
+                 before: Callable[[], Any] | None = None) -> Path:
+    """A jax.profiler trace of a turn of two dispatches' worth of decode steps (at least 8, at most a timed turn
+    and its warmup: what the KV cache holds) of a model that has run already (compiled: no compilation in the
+    trace), taken apart from the timed turns so that the profiler does not slow them; `before` runs first, outside
+    the trace (a cold turn's page-cache drop). Written in `directory` (TensorBoard's profile plugin reads
+    directory/plugins/profile; the *.trace.json.gz there opens in ui.perfetto.dev). Returns `directory`."""
+    if before is not None:
+        before()
+    directory.mkdir(parents=True, exist_ok=True)
+    steps = min(max(2 * _steps_per_dispatch(model), 8), turns.warmup + turns.chunk)  # within the KV cache
+    with jax.profiler.trace(str(directory)):
+        with jax.profiler.TraceAnnotation(f"decode {directory.name}"):
+            time_turn(model, template, steps, 0, sampler=turns.sampler, text_N=turns.text_N)
+    return directory
 
 
 def _steps_per_dispatch(model: LanguageModel) -> int:
