@@ -254,7 +254,8 @@ def _cmd_lut_verify(args):
 
 
 def _cmd_lut_upgrade(args):
-    check_input(args.lut_dir, "lookup table")
+    # no check_input: an upgrade interrupted between its two renames leaves LUT_DIR missing (its old and new
+    # forms beside it), and the rerun finishes it; upgrade_table refuses a path that is neither, in one line
     from mole_jax.lut_writer import upgrade_table
 
     r = upgrade_table(args.lut_dir, progress=not args.no_progress)

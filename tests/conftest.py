@@ -136,10 +136,11 @@ def _cgroup_cpu_quota() -> int | None:
 # pytest-xdist (pytest.ini: --dist loadfile) hands whole files to its workers in collection order: the longest
 # first, so that none of them starts last and runs alone.
 LONGEST_FIRST = ["test_decode.py", "test_train.py", "test_experiments.py", "test_convert.py", "test_notebooks.py",
-                 "test_accelerator_paths.py", "test_model.py", "test_harness.py", "test_accelerator.py",
-                 "test_upcycle.py", "test_integrity.py", "test_hf.py", "test_sampling.py", "test_quickstart.py",
-                 "test_lut.py", "test_overrides.py", "test_aux_losses.py", "test_indexed_data.py", "test_data.py",
-                 "test_layout.py", "test_entry_point.py", "test_binding.py"]
+                 "test_convert_bounded.py", "test_accelerator_paths.py", "test_model.py", "test_harness.py",
+                 "test_preemption.py", "test_accelerator.py", "test_upcycle.py", "test_integrity.py", "test_hf.py",
+                 "test_sampling.py", "test_quickstart.py", "test_tokenizer_flag.py", "test_lut.py", "test_profile.py",
+                 "test_overrides.py", "test_cli_input.py", "test_aux_losses.py", "test_indexed_data.py",
+                 "test_data.py", "test_layout.py", "test_entry_point.py", "test_binding.py", "test_figures.py"]
 
 
 def pytest_collection_modifyitems(items):
