@@ -4,6 +4,7 @@ placement), the bound on a chunk's rows, the peak resident memory of a long prom
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -164,3 +165,33 @@ def test_storage_decode_of_a_long_prompt_batch_peaks_near_dense(tmp_path):
     growth = {k: v / 2 ** 20 for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
     assert growth["chunked"] <= growth["dense"] + 40, growth
     assert growth["one_pass"] > growth["chunked"] + 30, growth  # what the chunks save: the test can fail
+
+
+def test_bench_decode_models_each_in_its_own_process(tmp_path):
+    """`bench decode --models dense,mole-storage`: exactly those rows, each model measured in a process of its own
+    (a peak resident memory per model, the model's: not this process's), the summary only of what was measured;
+    an unknown name is one line listing the names (exit 2)."""
+    from mole_jax.bench.decode import DECODE_MODELS
+
+    status, out, err = run_cli("bench", "decode", "--preset-size", "tiny", "--models", "dense,mole-storage",
+                               "--batch-sizes", "1", "--steps", "2", "--warmup", "2", "--prompt-len", "8",
+                               "--steps-per-dispatch", "2", "--isolate", "--workdir", tmp_path,
+                               "--json", tmp_path / "d.json")
+    assert status == 0, err
+    doc = json.loads((tmp_path / "d.json").read_text())
+    rows = doc["rows"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [("dense", 1), ("mole-storage", 1)]
+    assert doc["settings"]["isolate"] is True and doc["settings"]["rows"] == ["dense", "mole-storage"]
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for r in rows:
+        assert 100 << 20 < r["peak_rss_bytes"] != mine  # a JAX process's, each its own
+        assert r["ms_per_step"] > 0
+    storage = rows[1]
+    assert storage["cache"] == "cold" and storage["vs_dense"] > 0 and storage["compute_ms_per_step"] is None
+    assert set(doc["summary"]) == {"mole-storage (cold) / dense ms",
+                                   "peak RSS MiB (each model's own process when isolated)"}
+    assert "mole-storage" in out and "its own process" in out
+    status, _, err = run_cli("bench", "decode", "--preset-size", "tiny", "--models", "dense,mole-strage")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "unknown model 'mole-strage'" in lines[0], err
+    assert all(m in lines[0] for m in DECODE_MODELS) and "Traceback" not in err
