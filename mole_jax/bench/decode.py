@@ -22,8 +22,8 @@ reach on this disk.
 
 `models` picks a subset of the rows (Dense still takes its turns with each of them). With `isolate` (the default
 at ISOLATED_SIZES) each chosen model runs in a process of its own (bench/decode_worker.py, Dense built beside it
-for its turns), and each row records `peak_rss_bytes`: the peak resident memory of that process after the model alone ran one
-untimed turn at every batch size, before its Dense partner was built (the `dense` row: a process of Dense alone).
+for its turns), and each row records `peak_rss_bytes`: the peak resident memory of that process after the model
+alone ran an untimed turn at every batch size, before its Dense partner was built (`dense`: Dense alone).
 One process per model is what lets a 410M or 1B comparison fit a 24 GB machine (a resident MoE-10E of 410M is
 ~8 GB of float32, the host placement's table 10 GB), and what makes a row's memory its own: a process that built
 the models before it keeps their heap, its page-cache mappings and its compiled programs. The cost is a Python
