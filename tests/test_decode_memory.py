@@ -195,3 +195,73 @@ def test_bench_decode_models_each_in_its_own_process(tmp_path):
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "unknown model 'mole-strage'" in lines[0], err
     assert all(m in lines[0] for m in DECODE_MODELS) and "Traceback" not in err
+
+
+# The host placement's load: the table read sequentially into aligned buffers, every row checked ----------------
+def _sharded_table(path, scheme: str):
+    """A table of random rows in 3 shards: 2 of the fewest rows that fill whole pages, and a shorter last one."""
+    from mole_jax import lut, schemes
+    from mole_jax.lut_writer import write_table
+
+    cfg = prime_config("mole")
+    S = lut.page_rows(schemes.make_layout(scheme, cfg))
+    cfg = cfg.replace(vocab_size=2 * S + 75)
+    rows = np.random.default_rng(3).standard_normal((cfg.vocab_size, cfg.num_layers, cfg.num_experts,
+                                                     cfg.d_model)).astype(np.float32)
+    write_table(path, cfg, scheme, lambda a, b: rows[a:b], shard_rows=S, source={"test": "sequential load"})
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["float16", "int8"])
+def test_sequential_load_equals_the_stored_table(tmp_path, monkeypatch, scheme):
+    """read_all_into: the stored arrays bit for bit (payload, and scales for int8), in page-aligned buffers, read
+    in pieces of a few rows (a shard takes many reads, each checked while the next is read) and of the default
+    size; the host placement on CPU aliases them (nothing copied)."""
+    from mole_jax import lut, row_sources
+
+    table = lut.open_lut(_sharded_table(tmp_path / "t", scheme))
+    assert table.num_shards == 3
+    want = table.read_all_stored()
+    for piece in (3 * table.row_nbytes, lut.SEQUENTIAL_PIECE):
+        monkeypatch.setattr(lut, "SEQUENTIAL_PIECE", piece)
+        got = table.read_all_into(row_sources._aligned_empty)
+        assert set(got) == set(want) == set(table.layout.arrays)
+        for name in want:
+            assert got[name].ctypes.data % 4096 == 0
+            np.testing.assert_array_equal(got[name].view(np.uint8), want[name].view(np.uint8))
+    transfers = row_sources.Transfers()
+    stored = row_sources.in_host_ram(table, transfers)
+    assert transfers.bytes_sent == table.nbytes
+    for name, a in stored.items():
+        assert a.unsafe_buffer_pointer() % 4096 == 0
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), want[name].view(np.uint8))
+
+
+def test_host_placement_load_generates_the_training_form_tokens(mole_run):
+    model = load(mole_run[0], lut=mole_run[1], lut_placement="host")
+    assert model.generate(PROMPTS, NEW) == load(mole_run[0]).generate(PROMPTS, NEW)
+
+
+def test_sequential_load_refuses_a_flipped_byte_and_a_missing_shard(tmp_path, monkeypatch):
+    """A byte flipped in a row of a later piece of a later shard, and a missing shard file: one line naming the
+    shard and the row (or the file), with many pieces per shard or one."""
+    from mole_jax import lut
+
+    damaged = _sharded_table(tmp_path / "damaged", "float16")
+    table = lut.open_lut(damaged)
+    S = table.shard_rows
+    row = 2 * S + 40  # shard 2, its 41st row
+    path = damaged / lut.shard_key("payload", 2, table.layout.arrays["payload"][0])
+    data = bytearray(path.read_bytes())
+    data[40 * table.row_nbytes + 7] ^= 0x10
+    path.write_bytes(bytes(data))
+    for piece in (4 * table.row_nbytes, lut.SEQUENTIAL_PIECE):
+        monkeypatch.setattr(lut, "SEQUENTIAL_PIECE", piece)
+        with pytest.raises(MoleError, match=rf"shard 2 \(payload/c/2/0/0/0, rows {2 * S}\.\.{2 * S + 74}\): row "
+                                            f"{row} does not match its checksum") as e:
+            lut.open_lut(damaged).read_all_into(np.empty)
+        assert "\n" not in str(e.value)
+    (damaged / lut.shard_key("payload", 0, table.layout.arrays["payload"][0])).unlink()
+    with pytest.raises(MoleError, match="is not whole: shard file payload/c/0") as e:
+        table.read_all_into(np.empty)
+    assert "\n" not in str(e.value)
