@@ -478,6 +478,7 @@ class FileMapping:
     def __init__(self, nbytes: int):
         self.size = max(-(-nbytes // mmap.PAGESIZE), 1) * mmap.PAGESIZE
         self.address = 0
+        self._munmap = _libc().munmap  # held: at interpreter exit the module's globals may be gone before __del__
         addr = _libc().mmap(None, self.size, 0,  # PROT_NONE
                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
@@ -514,7 +515,7 @@ class FileMapping:
 
     def close(self) -> None:
         if self.address:
-            _libc().munmap(self.address, self.size)
+            self._munmap(self.address, self.size)
             self.address = 0
 
     def __del__(self):
