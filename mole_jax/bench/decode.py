@@ -287,14 +287,28 @@ def check_models(models: Sequence[str] | None) -> tuple[str, ...]:
 _ALONE_SEED = 1 << 20  # the untimed turns of a model alone read their own stretch of text
 
 
+def own_peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: Linux's VmHWM, the high-water mark of
+    the address space exec made. Not ru_maxrss, which Linux carries over from the parent at exec (a child
+    spawned by a process of 500 MiB reports at least 500 MiB); ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
 def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable,
                    batch_sizes: Sequence[int], turns: Turns, device_rows: int | None = None,
-                   dense: LanguageModel | None = None) -> dict[str, Any]:
+                   dense: LanguageModel | None = None, dense_turns: bool = True) -> dict[str, Any]:
     """One model's rows, each batch size in turns with Dense at the model's steps per dispatch (its ratio is then
     immune to a drifting machine load). First the model alone runs one untimed turn at every batch size (compiling
     its programs), and `peak_rss_bytes` is this process's peak then, before Dense is built beside it (`dense`:
-    one already built, else built here). For "dense" itself: Dense alone, its peak and its own timed turns.
-    Returns the rows and Dense's times and bytes per batch size (pooled over models by the caller)."""
+    one already built, else built here). For "dense" itself: Dense alone, its peak and (dense_turns) its own timed
+    turns. Returns the rows and Dense's times and bytes per batch size (pooled over models by the caller)."""
     K = turns.steps_per_dispatch
     build = _model_builders(cfgs, table, cold, device_rows, K)
 
@@ -308,9 +322,10 @@ def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, 
                   text_N=turns.text_N)  # a chunk after the warmup: every program of a turn has run
         del template
     out = {"rows": [], "dense_times": {B: [] for B in batch_sizes}, "dense_sent": {B: 0 for B in batch_sizes},
-           "peak_rss_bytes": peak_rss_bytes(), "dense_device_param_bytes": None}
+           "peak_rss_bytes": own_peak_rss_bytes(), "dense_device_param_bytes": None}
     if name == "dense":
-        for B in batch_sizes:
+        out["dense_device_param_bytes"] = model.device_param_bytes
+        for B in batch_sizes if dense_turns else ():
             template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)
             for r in range(-(-turns.steps // turns.chunk)):
                 n = min(turns.chunk, turns.steps - len(out["dense_times"][B]))
@@ -318,7 +333,6 @@ def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, 
                 out["dense_times"][B] += t
                 out["dense_sent"][B] += b
             del template
-        out["dense_device_param_bytes"] = model.device_param_bytes
         return out
     dense = dense or make_dense()
     ref = build["dense-k1"]() if name in K1 and name != "dense-k1" else dense
@@ -350,7 +364,8 @@ def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, 
 
 
 def _dense_rows(results: list[dict[str, Any]], batch_sizes: Sequence[int], K: int, peak: int | None) -> list[dict]:
-    """The `dense` rows: Dense's times pooled over every model's turns with it (and Dense's own turns)."""
+    """The `dense` rows: Dense's times pooled over every model's turns with it (or Dense's own turns, when no
+    model took turns with it)."""
     times = {B: [t for r in results for t in r["dense_times"][B]] for B in batch_sizes}
     sent = {B: sum(r["dense_sent"][B] for r in results) for B in batch_sizes}
     device_bytes = next(r["dense_device_param_bytes"] for r in results if r["dense_device_param_bytes"] is not None)
@@ -375,7 +390,7 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
         return [row for r in results for row in r["rows"]]
     if not any(r["dense_times"][batch_sizes[0]] for r in results):
         results.append(_measure_model("dense", cfgs, table, cold, batch_sizes, turns, device_rows, dense))
-    return [row for r in results for row in r["rows"]] + _dense_rows(results, batch_sizes, K, peak_rss_bytes())
+    return [row for r in results for row in r["rows"]] + _dense_rows(results, batch_sizes, K, own_peak_rss_bytes())
 
 
 def _measure_isolated(models: Sequence[str], preset_size: str, dtype: str, table_dir: Path,
@@ -383,9 +398,11 @@ def _measure_isolated(models: Sequence[str], preset_size: str, dtype: str, table
                       ) -> tuple[list[dict[str, Any]], dict]:
     """Each chosen model in a process of its own (bench/decode_worker.py; "dense": Dense alone). The rows, and the
     cold batched reads' floor of the first model that made such reads."""
+    partnered = any(m != "dense" and m not in K1 for m in models)  # Dense's times come from its partners' turns
     job = {"preset_size": preset_size, "dtype": dtype, "table": str(table_dir), "batch_sizes": list(batch_sizes),
-           "device_rows": device_rows, "turns": {f.name: getattr(turns, f.name) for f in dataclasses.fields(Turns)
-                                                 if f.name not in ("sampler", "text_N")}}
+           "device_rows": device_rows, "dense_turns": not partnered,
+           "turns": {f.name: getattr(turns, f.name) for f in dataclasses.fields(Turns)
+                     if f.name not in ("sampler", "text_N")}}
     results, floor = {}, {}
     for name in models:
         t0 = time.perf_counter()
@@ -415,7 +432,8 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     V = cfgs["mole"].vocab_size
     turns = Turns(**t, sampler=jax.device_put(make_sampler(1.0, SAMPLE_TOP_K, 1.0, V)), text_N=_held_out_text(V)[1])
     table, cold = open_lut(job["table"]), ColdTable(job["table"])
-    out = _measure_model(job["model"], cfgs, table, cold, job["batch_sizes"], turns, job["device_rows"])
+    out = _measure_model(job["model"], cfgs, table, cold, job["batch_sizes"], turns, job["device_rows"],
+                         dense_turns=job.get("dense_turns", True))
     return {**out, "floor": storage_floor(cold)}
 
 
@@ -581,7 +599,7 @@ def summary_lines(summary: dict[str, Any], floor: dict) -> list[str]:
                      f"{floor['tensorstore_replay_rows_per_s']:,.0f} replayed, pread floor "
                      f"{floor['pread_rows_per_s']:,.0f} rows/s ({floor['rows']:,} rows in {floor['reads']:,} reads)")
     for k, v in summary.items():
-        lines.append(f"{k}: " + (", ".join(f"{'batch ' if str(B).isdigit() else ''}{B} {x:.3g}"
+        lines.append(f"{k}: " + (", ".join((f"batch {B} {x:.3g}" if str(B).isdigit() else f"{B} {x:,.0f}")
                                            for B, x in v.items() if x is not None)
                                  if isinstance(v, dict) else f"{v:.4f}"))
     return lines
