@@ -483,14 +483,21 @@ def _cmd_bench_decode(args):
     bench_decode(preset_size=args.preset_size, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                  link_gbps=args.link_gbps, steps=args.steps, warmup=args.warmup, lut_dtype=args.lut_dtype,
                  dtype=args.dtype, device_rows=args.device_rows, steps_per_dispatch=args.steps_per_dispatch,
-                 workdir=args.workdir, json_path=args.json, plot_path=args.plot, profile_dir=args.profile)
+                 models=args.models, isolate=args.isolate, workdir=args.workdir, json_path=args.json,
+                 plot_path=args.plot, profile_dir=args.profile)
 
 
 def _add_bench_decode(bench_sub):
     p = bench_sub.add_parser("decode", help="ms/step and bytes moved: dense, MoE (resident, offloaded), MoLE "
                                             "(LUT on device, host, storage)")
-    p.add_argument("--preset-size", default="small", choices=["tiny", "small", "160m", "410m"],
+    p.add_argument("--preset-size", default="small", choices=["tiny", "small", "160m", "410m", "1b"],
                    help="model family of equal activated size (default small)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated rows to measure (default: all), e.g. dense,mole-storage; an unknown name "
+                        "is refused with the list of them")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each model in a process of its own, its peak RSS recorded per row (default at 410m and "
+                        "1b; --no-isolate: all in one process, each row the process's peak so far)")
     p.add_argument("--batch-sizes", default=[1, 8, 32], type=_int_list, action=POSITIVE_INT)
     p.add_argument("--prompt-len", type=int, default=512, action=POSITIVE_INT,
                    help="KV cache filled to this many positions")

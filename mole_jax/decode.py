@@ -20,7 +20,7 @@ from flax import nnx
 
 from mole_jax import checkpoint, data
 from mole_jax.config import ModelConfig, MoleError
-from mole_jax.decoder import Decoder, chunked_loop, decode_loop
+from mole_jax.decoder import PREFILL_ROWS_BYTES, Decoder, chunked_loop, decode_loop
 from mole_jax.lut import LookupTable, fingerprint, open_lut, table_inputs
 from mole_jax.model import ArrayRows, Params, graphdef_and_shapes, without_routed_experts
 from mole_jax.offload import OffloadDecoder
@@ -102,14 +102,16 @@ class LanguageModel:
 
     table: MoLE's lookup table (a `lut.LookupTable`, or any object with its interface) for the inference form,
     kept at `placement`; None runs the model as trained. offload_experts: MoE only, the offloading baseline.
-    host_read, storage_read, steps_per_dispatch, overlap, tier_K (the ids of a device tier) and speculate: see
+    host_read, storage_read, steps_per_dispatch, overlap, tier_K (the ids of a device tier), speculate and
+    prefill_rows_bytes (the bound on a prefill chunk's rows and on a mapped table's resident pages): see
     decoder.Decoder.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
                  offload_experts: bool = False, overlap: bool = True, run_dir: Path | None = None,
                  tier_K: np.ndarray | None = None, speculate: bool = True, host_read: str = "program",
-                 storage_read: str = "auto", steps_per_dispatch: int | None = None):
+                 storage_read: str = "auto", steps_per_dispatch: int | None = None,
+                 prefill_rows_bytes: int = PREFILL_ROWS_BYTES):
         if placement not in PLACEMENTS:
             raise MoleError(f"unknown LUT placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if table is not None and cfg.kind != "mole":
@@ -127,7 +129,7 @@ class LanguageModel:
         else:
             self.decoder = Decoder(cfg, params, table=table, placement=placement, overlap=overlap, tier_K=tier_K,
                                    speculate=speculate, host_read=host_read, storage_read=storage_read,
-                                   steps_per_dispatch=steps_per_dispatch)
+                                   steps_per_dispatch=steps_per_dispatch, prefill_rows_bytes=prefill_rows_bytes)
         graphdef, _ = graphdef_and_shapes(cfg, with_experts=table is None)
         self._logits = jax.jit(partial(_logits, graphdef))
         self._token_logprobs = jax.jit(partial(_token_logprobs, graphdef))
@@ -350,7 +352,7 @@ def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig, table: LookupTabl
 def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_experts: bool = False,
          overlap: bool = True, device_rows: int | None = None, device_tier_bytes: int | None = None,
          token_counts=None, speculate: bool = True, host_read: str = "program", storage_read: str = "auto",
-         steps_per_dispatch: int | None = None) -> LanguageModel:
+         steps_per_dispatch: int | None = None, prefill_rows_bytes: int = PREFILL_ROWS_BYTES) -> LanguageModel:
     """Load a checkpoint (a run directory = its latest step, a checkpoints directory, or a step directory).
 
     lut: MoLE only: a lookup table directory (or an opened table) to decode with, in inference form: the routed
@@ -366,6 +368,8 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     storage_read: the storage placement's reads: "auto" (default: the files mapped on the CPU backend, batched
         Tensorstore reads elsewhere), "mapped" or "batched".
     steps_per_dispatch: decode steps per dispatch when the program reads every row itself (see decoder.Decoder).
+    prefill_rows_bytes: with a table, the bound on a prefill chunk's rows and on a mapped table's resident pages
+        (see decoder.Decoder).
     overlap: a table the host fetches for: overlap the row fetch with block 0 (default; see decoder.Decoder).
     device_rows / device_tier_bytes: a table the host fetches for: keep the rows of this many of the most frequent
         ids (or as many as fit these bytes) on the device, ordered by token_counts (see `device_tier`); speculate:
@@ -378,7 +382,7 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     cfg = ModelConfig.from_dict(meta["model_config"])
     kw = dict(placement=lut_placement, offload_experts=offload_experts, overlap=overlap, run_dir=ref.run_dir,
               speculate=speculate, host_read=host_read, storage_read=storage_read,
-              steps_per_dispatch=steps_per_dispatch)
+              steps_per_dispatch=steps_per_dispatch, prefill_rows_bytes=prefill_rows_bytes)
     tier = dict(device_rows=device_rows, device_tier_bytes=device_tier_bytes, token_counts=token_counts)
     if (device_rows is not None or device_tier_bytes is not None) and (cfg.kind != "mole" or lut is None and
                                                                         meta.get("has_experts", True)):

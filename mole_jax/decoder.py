@@ -29,10 +29,22 @@ same key, so the tokens are those of the unspeculated step, bit for bit. A redo 
 speculation that holds saves the host's round trip H, so speculating pays only when the ids after an all-hit step
 all hit with probability above S / (S + H): the decoder keeps a running estimate of that probability (from every
 all-hit step, speculated or not) and speculates only while it is at least SPECULATE_MIN_SUCCESS.
+
+Memory. A prefill with a table reads every prompt token's rows, and XLA schedules the row gathers of all layers
+ahead of the layers that use them (they depend only on the ids), so an unchunked prefill holds [B*T, L, N, D]
+dequantized rows at once: 384 MiB of float32 for 8 prompts of 128 tokens at 410M, and without limit as the prompt
+batch grows. So a prefill with a table runs in chunks of the prompt's positions (`prefill_chunk_len`), each a
+dispatch of its own that writes its positions' KV entries and keeps the last prompt position's logits, with at
+most `prefill_rows_bytes` of rows per chunk; a table the host fetches for fetches each chunk's distinct ids only.
+A mapped table's pages stay in the process's resident set once a step has read them (the kernel maps them in, and
+maps neighbouring ones already in the page cache with them), so the decoder releases them (madvise DONTNEED: they
+stay in the page cache) after each prefill chunk and whenever the rows read since the last release reach
+`prefill_rows_bytes`: a long prompt batch or a long generation costs page faults from the page cache, not RAM.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from functools import lru_cache, partial
 from typing import NamedTuple, Protocol
@@ -53,6 +65,7 @@ from mole_jax.row_sources import (
     Transfers,
     nbytes,
     next_pow2,
+    release_pages,
     row_source,
 )
 from mole_jax.sampling import DecodeState, Sampler, advance, positions
@@ -62,6 +75,11 @@ from mole_jax.sampling import DecodeState, Sampler, advance, positions
 SPECULATE_MIN_SUCCESS = 0.9
 _SUCCESS_WEIGHT = 1 / 16  # the running estimate's weight on the newest step: it follows the last ~16 all-hit steps
 DEFAULT_STEPS_PER_DISPATCH = 16  # chunked generation's K (see STEPS_PER_DISPATCH_NOTE in docs/decoding.md)
+# A prefill with a table holds at most this many bytes of dequantized rows (float32, every layer) per chunk of
+# positions, and a mapped table keeps at most about this many bytes of rows read in the process's resident set
+# (see the module docstring). 64 MiB: prefill chunks of 128 tokens at 410M (256 at 160M), large enough that a
+# chunk's matmuls run near the speed of the whole prompt's.
+PREFILL_ROWS_BYTES = 64 << 20
 
 
 class Pending(NamedTuple):
@@ -102,6 +120,22 @@ def _prefill(graphdef, *, greedy, params, cache, ids_BxT, lengths_B, seed, sampl
     logits_BxV, cache, _ = nnx.merge(graphdef, params).forward(
         ids_BxT, positions(jnp.zeros((B,), jnp.int32), T), caches=cache, rows=_in_program(rows, ids_BxT),
         last_B=lengths_B - 1, resume=mid)
+    return advance(logits_BxV, cache, jax.random.key(seed), None if greedy else sampler, lengths_B)
+
+
+def _prefill_chunk(graphdef, *, params, cache, ids_BxC, start, lengths_B, logits_BxV, rows):
+    """Positions [start, start + C) of a chunked prefill: their KV entries written into `cache` (donated), and
+    logits_BxV updated for the sequences whose last prompt position lies among them (the rest keep theirs)."""
+    B, C = ids_BxC.shape
+    last_B = lengths_B - 1 - start
+    logits_c, cache, _ = nnx.merge(graphdef, params).forward(
+        ids_BxC, positions(jnp.full((B,), start, jnp.int32), C), caches=cache, rows=_in_program(rows, ids_BxC),
+        last_B=jnp.clip(last_B, 0, C - 1))
+    here_B = (last_B >= 0) & (last_B < C)
+    return cache, jnp.where(here_B[:, None], logits_c, logits_BxV)
+
+
+def _prefill_end(*, greedy, cache, logits_BxV, lengths_B, seed, sampler):
     return advance(logits_BxV, cache, jax.random.key(seed), None if greedy else sampler, lengths_B)
 
 
@@ -188,12 +222,19 @@ class Decoder:
     tier_K: the ids whose rows stay on the device in front of a table the host fetches for (row_sources.TieredRows).
     speculate: with a tier, dispatch a step before its ids are read when the previous step's ids all hit and the
         ids after an all-hit step have lately all hit often enough (see the module docstring).
+    prefill_rows_bytes: with a table, the bound on a prefill chunk's rows and on a mapped table's resident rows
+        (default PREFILL_ROWS_BYTES; see the module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, table=None, placement: str = "device",
                  host_read: str = "program", storage_read: str = "auto", steps_per_dispatch: int | None = None,
-                 overlap: bool = True, tier_K: np.ndarray | None = None, speculate: bool = True):
+                 overlap: bool = True, tier_K: np.ndarray | None = None, speculate: bool = True,
+                 prefill_rows_bytes: int = PREFILL_ROWS_BYTES):
         self.config, self.table, self.placement = cfg, table, placement
+        if isinstance(prefill_rows_bytes, bool) or not isinstance(prefill_rows_bytes, (int, np.integer)) \
+                or prefill_rows_bytes < 1:
+            raise MoleError(f"prefill rows bytes must be a positive integer, got {prefill_rows_bytes!r}")
+        self.prefill_rows_bytes = int(prefill_rows_bytes)
         self.steps_per_dispatch = check_steps_per_dispatch(steps_per_dispatch)
         self.transfers = Transfers()
         # CPU: each MoE expert its own buffer, so a step does not copy the experts it runs (a no-op elsewhere)
@@ -206,6 +247,10 @@ class Decoder:
         self.fetching = self.source is not None
         self.chunked = not self.fetching
         self.rows_read = 0  # tokens whose rows the program read from a table off the device (host, storage)
+        # A file mapping (CPU storage): its pages can be released from the process and faulted in again. Never an
+        # anonymous buffer (the host placement's copy), whose pages MADV_DONTNEED would zero.
+        self.mapped = placement == "storage" and self.reader is not None
+        self._mapped_at_release = resident_file_bytes() if self.mapped else 0
         self.tiered = isinstance(self.source, TieredRows)
         self.speculate, self.redone, self._last_all_hit = speculate and self.tiered, 0, False
         self.speculation_success = 1.0  # P(a step's ids all hit | the previous step's did), a running estimate
@@ -218,6 +263,9 @@ class Decoder:
         self._chunk = jax.jit(partial(_chunk, graphdef), static_argnames=("greedy", "steps", "with_logits"),
                               donate_argnames=("cache",))
         self._front = jax.jit(partial(_front, graphdef), donate_argnames=("cache0",))
+        self._prefill_chunk = jax.jit(partial(_prefill_chunk, graphdef), donate_argnames=("cache",))
+        self._prefill_end = jax.jit(_prefill_end, static_argnames=("greedy",), donate_argnames=("cache",))
+        self._logits0 = jax.jit(lambda B: jnp.zeros((B, cfg.vocab_size), jnp.float32), static_argnums=0)
 
     @property
     def h2d_bytes(self) -> int:
@@ -239,9 +287,40 @@ class Decoder:
         """A device tier's lookups so far (hits, rows fetched and sent), or None without a tier."""
         return self.source.counts if self.tiered else None
 
+    def prefill_chunk_len(self, B: int, T: int) -> int:
+        """The positions per prefill chunk for B prompts of T positions: T without a table; with one, the largest
+        power of two C <= T with B * C tokens' rows (every layer, float32) within prefill_rows_bytes (at least 1:
+        a decode step holds B tokens' rows anyway)."""
+        if self.table is None:
+            return T
+        _, L, N, D = self.table.shape
+        tokens = self.prefill_rows_bytes // (L * N * D * np.dtype(np.float32).itemsize)
+        per_row = max(1, tokens // B)
+        return min(T, 1 << (per_row.bit_length() - 1))
+
+    def release_mapped(self) -> None:
+        """A mapped table: drop the pages of its rows from this process's resident set (they stay in the page
+        cache; the next read faults them in again). Nothing for any other table."""
+        if self.mapped:
+            for a in self.reader.stored.values():
+                release_pages(a.unsafe_buffer_pointer(), a.nbytes)
+            self._mapped_at_release = resident_file_bytes()
+
+    def bound_mapped(self) -> None:
+        """A mapped table: release its pages once the process's resident file pages have grown by
+        prefill_rows_bytes since the last release. Measured, not counted from the rows read: a fault maps a whole
+        large folio of the page cache (Linux 6.x; up to 2 MiB), so the pages mapped per row read depend on how the
+        file was read into the cache (measured: 1,024 random 32 KiB rows mapped 376 MiB of a table read
+        sequentially before, 60 MiB of a cold one)."""
+        if self.mapped and resident_file_bytes() - self._mapped_at_release >= self.prefill_rows_bytes:
+            self.release_mapped()
+
     def prefill(self, ids_BxT: np.ndarray, lengths_B: np.ndarray, cache_len: int, seed: int,
                 sampler: Sampler | None, greedy: bool) -> DecodeState:
-        B = ids_BxT.shape[0]
+        B, T = ids_BxT.shape
+        C = self.prefill_chunk_len(B, T)
+        if C < T:
+            return self._chunked_prefill(ids_BxT, lengths_B, cache_len, seed, sampler, greedy, C)
         cache = self._zeros(B, cache_len)
         ids_d, lengths_d, seed_d = self.transfers.put((ids_BxT, lengths_B, np.int32(seed)))
         args = dict(greedy=greedy, params=self.params, lengths_B=lengths_d, seed=seed_d, sampler=sampler)
@@ -258,6 +337,35 @@ class Decoder:
         state = self._prefill(**args, cache=cache[1:], ids_BxT=ids_d, rows=self.source.fetch(ids_BxT, num_rows),
                               mid=mid)
         return state._replace(cache=[cache0, *state.cache])  # block 0's cache never passes through the second call
+
+    def _chunked_prefill(self, ids_BxT: np.ndarray, lengths_B: np.ndarray, cache_len: int, seed: int,
+                         sampler: Sampler | None, greedy: bool, C: int) -> DecodeState:
+        """The prefill in chunks of C positions (the last may be shorter), one dispatch each: the same KV entries
+        and logits as one pass, with a chunk's rows at a time (see the module docstring)."""
+        B, T = ids_BxT.shape
+        cache, logits_BxV = self._zeros(B, cache_len), self._logits0(B)
+        lengths_d, seed_d = self.transfers.put((lengths_B, np.int32(seed)))
+        for start in range(0, T, C):
+            ids_BxC = np.ascontiguousarray(ids_BxT[:, start:start + C])
+            ids_d, start_d = self.transfers.put((ids_BxC, np.int32(start)))
+            if self.reader is not None:
+                rows = self.reader
+                self.rows_read += ids_BxC.size
+            elif self.tiered:
+                rows = self.source.fetch(ids_BxC, ids_d)
+            else:
+                rows = self.source.fetch(ids_BxC, next_pow2(len(np.unique(ids_BxC))))
+            cache, logits_BxV = self._prefill_chunk(params=self.params, cache=cache, ids_BxC=ids_d, start=start_d,
+                                                    lengths_B=lengths_d, logits_BxV=logits_BxV, rows=rows)
+            if self.fetching or self.mapped:
+                # Fetched rows: the next fetch may refill this chunk's staging buffer. Mapped rows: the pages this
+                # chunk faulted in are released once it has read them. Either way the host waits for the chunk.
+                jax.block_until_ready(logits_BxV)
+                self.release_mapped()
+        if self.tiered:
+            self._last_all_hit = False  # the first step of a generation waits for its ids
+        return self._prefill_end(greedy=greedy, cache=cache, logits_BxV=logits_BxV, lengths_B=lengths_d,
+                                 seed=seed_d, sampler=sampler)
 
     def start(self, state: DecodeState, num_tokens: int, eos_id: int | None) -> Chunk:
         """The chunked loop's first carry: `state` (its ids the first of `num_tokens` tokens) and, on the device,
@@ -367,6 +475,7 @@ def chunked_loop(decoder: Decoder, state: DecodeState, num_tokens: int, sampler:
         ids_KxB, now = jax.device_get((pending.ids_KxB, pending.made))
         if decoder.reader is not None:  # the rows the chunk's steps read
             decoder.rows_read += ids_KxB.shape[1] * (int(now) - made)
+            decoder.bound_mapped()  # a mapped table's pages: released past the bound (the next chunk faults them in)
         for k in range(int(now) - made):
             yield ids_KxB[k], (pending.logits_KxBxV[k] if with_logits else None)
         live = int(now) - made == min(K, num_tokens - made)  # a chunk ends early only when every sequence stopped
@@ -405,6 +514,19 @@ def check_steps_per_dispatch(steps: int | None) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise MoleError(f"steps per dispatch must be a positive integer, got {steps!r}")
     return int(steps)
+
+
+def resident_file_bytes() -> int:
+    """The bytes of file-backed and shared pages in this process's resident set (Linux /proc/self/statm's
+    "shared" field: RssFile + RssShmem; ~10 us to read); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+_PAGE_BYTES = mmap.PAGESIZE
 
 
 def _on_host(tree) -> bool:

@@ -59,6 +59,9 @@ PAGE_BYTES = 4096  # a shard's rows fill whole pages of this size, so each shard
 INDEX_ENTRY_BYTES, INDEX_CRC_BYTES = 16, 4  # a shard index: (offset, nbytes) little-endian uint64 per row; crc32c
 MISSING_ENTRY = 2 ** 64 - 1  # a shard index's (offset, nbytes) of an absent inner chunk (rows past V)
 READ_CACHE_BYTES = 64 << 20  # shard indexes and recently read rows (a complete table never changes)
+# `read_all_into` reads this much of a shard file per preadv: large enough that the disk streams (readahead keeps
+# ahead of the reads), small enough that the checksum of one piece overlaps the read of the next.
+SEQUENTIAL_PIECE = 32 << 20
 
 # One context for the process, so that `memory://` tables written by convert are seen by open_lut; readers add
 # their own cache pool on top of it.
@@ -443,6 +446,16 @@ def row_checksums_parallel(rows: np.ndarray, chunk_bytes: int = 8 << 20) -> np.n
     return np.concatenate(parts)
 
 
+def _read_exactly(fd: int, into: memoryview, offset: int) -> None:
+    """Fill `into` from the file at `offset` (preadv until full: a read may return less than asked)."""
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"the file ended {len(into) - done:,} bytes early")
+        done += n
+
+
 # Memory mapping (Linux) --------------------------------------------------------------------------------------------
 _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000
 _MADV_DONTNEED = 4
@@ -472,6 +485,7 @@ class FileMapping:
     def __init__(self, nbytes: int):
         self.size = max(-(-nbytes // mmap.PAGESIZE), 1) * mmap.PAGESIZE
         self.address = 0
+        self._munmap = _libc().munmap  # held: at interpreter exit the module's globals may be gone before __del__
         addr = _libc().mmap(None, self.size, 0,  # PROT_NONE
                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
@@ -508,7 +522,7 @@ class FileMapping:
 
     def close(self) -> None:
         if self.address:
-            _libc().munmap(self.address, self.size)
+            self._munmap(self.address, self.size)
             self.address = 0
 
     def __del__(self):
@@ -840,6 +854,66 @@ class LookupTable:
             if line:
                 return line
         return error_text(e)  # a failure that rereading does not reproduce (transient storage error)
+
+    # The whole table, read sequentially ------------------------------------------------------------------------
+    def read_all_into(self, alloc) -> dict[str, np.ndarray]:
+        """The whole table's stored arrays, each read into `alloc(shape, dtype)` (e.g. a page-aligned buffer) at
+        the disk's sequential rate: a local table's shard files are read in order, in pieces of SEQUENTIAL_PIECE
+        bytes (`os.preadv` straight into the buffer: one kernel copy, no mapping, no second pass), and each piece's
+        rows are checked against their crc32c by a thread while the next piece is read. First the files' presence,
+        sizes and indexes are checked (`check_structure`); a table on another kvstore is read with
+        `read_all_stored` and copied. Raises MoleError naming the first damaged shard."""
+        local = local_dir(self._spec)
+        if local is None:
+            out = {}
+            for name, src in self.read_all_stored().items():
+                out[name] = alloc(src.shape, src.dtype)
+                out[name][...] = src
+            return out
+        missing = self.missing_shards()
+        if missing:
+            raise MoleError(f"table {self.path} is not whole: shard file {missing[0][1]} is missing")
+        line = self.check_structure() or self._store_sums(self._sums_futures(np.arange(self.num_shards), None))
+        if line:
+            raise MoleError(f"reading {self.path} failed: {line}")
+        sums = self._sums if self._sums_array is not None else None
+        out, checks = {}, []
+        try:
+            for col, (name, (shape, dt)) in enumerate(self.layout.arrays.items()):
+                dst = out[name] = alloc((self.shape[0], *shape), dt)
+                rb = array_row_nbytes(shape, dt)
+                bytes_RxW = dst.reshape(self.shape[0], -1).view(np.uint8)
+                per_piece = max(1, SEQUENTIAL_PIECE // rb)
+                for i in range(self.num_shards):
+                    start, stop = self.shard_range(i)
+                    fd = os.open(local / shard_key(name, i, shape), os.O_RDONLY)
+                    try:
+                        if hasattr(os, "posix_fadvise"):
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+                        for a in range(start, stop, per_piece):
+                            b = min(a + per_piece, stop)
+                            piece = bytes_RxW[a:b]
+                            _read_exactly(fd, memoryview(piece).cast("B"), (a - start) * rb)
+                            if sums is not None:
+                                checks.append((name, a, _pool().submit(row_checksums, piece, True), col))
+                            while checks and (checks[0][2].done() or len(checks) > 2 * workers()):
+                                self._raise_bad(*checks.pop(0))
+                    finally:
+                        os.close(fd)
+            while checks:
+                self._raise_bad(*checks.pop(0))
+        except OSError as e:
+            raise MoleError(f"reading {self.path} failed: {e.strerror or e}") from None
+        return out
+
+    def _raise_bad(self, name: str, start: int, future, col: int) -> None:
+        """Raise MoleError naming the first row of a piece (from row `start`) whose crc32c is not its own."""
+        got = future.result()
+        bad = np.flatnonzero(got != self._sums[start:start + len(got), col])
+        if bad.size:
+            v = start + int(bad[0])
+            raise MoleError(f"reading {self.path} failed: {self._where(name, v // self.shard_rows)}: row {v} does "
+                            "not match its checksum")
 
     # Rows memory-mapped ---------------------------------------------------------------------------------------
     def mapped_stored(self, verify: bool = True) -> dict[str, np.ndarray]:

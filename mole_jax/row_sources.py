@@ -189,29 +189,28 @@ def device_table(table, transfers: Transfers) -> TableReader:
     return TableReader(transfers.put(table.read_all_stored()), table.scheme)
 
 
-_COPY_ROWS_BYTES = 64 << 20  # the piece of the table copied at a time into host RAM
-
-
 def in_host_ram(table, transfers: Transfers) -> dict[str, jax.Array]:
-    """The CPU backend's whole table in RAM, one copy: the stored arrays read into page-aligned buffers, which
-    `jax.device_put` aliases instead of copying (a numpy array of ordinary alignment is copied: twice the table at
-    peak). A local table is read through its mapping (every row checked), a piece at a time, each piece's file
-    pages released once copied; any other is read whole first. The bytes are counted as sent."""
-    local = isinstance(getattr(table, "path", None), Path)
-    source = table.mapped_stored(verify=True) if local else table.read_all_stored()
-    out = {}
-    for name, src in source.items():
-        buf = mmap.mmap(-1, max(src.nbytes, 1))
-        dst = np.frombuffer(buf, src.dtype, count=src.size).reshape(src.shape)
-        step = max(1, _COPY_ROWS_BYTES // max(1, src[:1].nbytes))
-        for start in range(0, len(src), step):
-            dst[start:start + step] = src[start:start + step]
-            if local:
-                piece = src[start:start + step]
-                release_pages(piece.ctypes.data, piece.nbytes)
-        out[name] = dst
+    """The CPU backend's whole table in RAM, one copy: the stored arrays read straight into page-aligned buffers
+    (`LookupTable.read_all_into`: the shard files in order at the disk's sequential rate, every row's crc32c
+    checked while the next piece is read), which `jax.device_put` aliases instead of copying (a numpy array of
+    ordinary alignment is copied: twice the table at peak). The bytes are counted as sent."""
+    out = table.read_all_into(_aligned_empty) if hasattr(table, "read_all_into") else \
+        {k: _copy_aligned(v) for k, v in table.read_all_stored().items()}
     transfers.bytes_sent += nbytes(out)
     return jax.device_put(out, transfers.target)
+
+
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised array in its own anonymous mapping: page-aligned, and returned to the OS when freed."""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buf, dtype, count=count).reshape(shape)
+
+
+def _copy_aligned(src: np.ndarray) -> np.ndarray:
+    dst = _aligned_empty(src.shape, src.dtype)
+    dst[...] = src
+    return dst
 
 
 def release_pages(address: int, num_bytes: int) -> None:

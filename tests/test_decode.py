@@ -488,7 +488,8 @@ def test_bench_decode_runs(tmp_path):
     from mole_jax.bench.decode import CACHE, DECODE_MODELS
 
     out = bench_decode(preset_size="tiny", batch_sizes=(1,), prompt_len=16, steps=4, warmup=2, chunk=2,
-                       device_rows=64, steps_per_dispatch=2, workdir=tmp_path, json_path=tmp_path / "decode.json")
+                       device_rows=64, steps_per_dispatch=2, isolate=False, workdir=tmp_path,
+                       json_path=tmp_path / "decode.json")
     saved = json.loads((tmp_path / "decode.json").read_text())
     assert saved["settings"]["device_rows"] == 64  # --device-rows: the tier rows' tier
     rows = saved["rows"]
@@ -504,6 +505,9 @@ def test_bench_decode_runs(tmp_path):
         assert r["ms_per_step"] > 0 and r["modeled_ms_per_step_16gbps"] >= r["compute_ms_per_step"]
         assert r["cache"] == CACHE.get(r["model"]) and "reread_fraction" in r
     assert by["mole-storage", 1]["cache"] == "cold" and by["mole-storage-warm", 1]["cache"] == "warm"
+    assert saved["settings"]["isolate"] is False and saved["settings"]["rows"] == list(DECODE_MODELS)
+    peaks = [by[m, 1]["peak_rss_bytes"] for m in DECODE_MODELS[1:]]  # one process: its running peak
+    assert all(p > 0 for p in peaks) and peaks == sorted(peaks) and by["dense", 1]["peak_rss_bytes"] >= peaks[-1]
     assert by["mole-host", 1]["cache"] is None and by["dense", 1]["cache"] is None
     assert by["dense", 1]["h2d_bytes_per_step"] == 0 and by["mole-device", 1]["h2d_bytes_per_step"] == 0
     k = {m: by[m, 1]["steps_per_dispatch"] for m in models}  # chunked where the program reads every row

@@ -18,12 +18,25 @@ Dense at its default K (Dense's fastest path). Rows:
 Cold: before each turn the table's files are dropped from the page cache (and a mapping's pages from the
 process), and batched reads have no Tensorstore cache pool. The batched cold reads are recorded and replayed
 against a thread-pool `pread` of the same byte ranges (`bench.storage.storage_floor`): the rows/s a reader could
-reach on this disk."""
+reach on this disk.
+
+`models` picks a subset of the rows (Dense still takes its turns with each of them). With `isolate` (the default
+at ISOLATED_SIZES) each chosen model runs in a process of its own (bench/decode_worker.py, Dense built beside it
+for its turns), and each row records `peak_rss_bytes`: the peak resident memory of that process after the model
+alone ran an untimed turn at every batch size, before its Dense partner was built (`dense`: Dense alone).
+One process per model is what lets a 410M or 1B comparison fit a 24 GB machine (a resident MoE-10E of 410M is
+~8 GB of float32, the host placement's table 10 GB), and what makes a row's memory its own: a process that built
+the models before it keeps their heap, its page-cache mappings and its compiled programs. The cost is a Python
+and JAX start and Dense's compilation per model (10-20 s each at the small sizes): below 410M the whole
+comparison fits one process (160M: 3.5 GiB per table copy) and runs there by default, each row then recording the
+process's running peak."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mole_jax.bench.storage import ColdTable, storage_floor
-from mole_jax.bench.tools import drop_page_cache, machine, median, print_table, release_mapped, write_json
+from mole_jax.bench.tools import (drop_page_cache, machine, median, peak_rss_bytes, print_table, release_mapped,
+                                  write_json)
 from mole_jax import data
 from mole_jax.config import ModelConfig, MoleError, get_preset
 from mole_jax.decode import LanguageModel
@@ -48,12 +62,15 @@ from mole_jax.sampling import make_sampler
 
 DECODE_FAMILIES = {"tiny": ("tiny-dense", "tiny-moe", "tiny-mole"), "small": ("small-dense", "small-moe", "small-mole"),
                    "160m": ("dense-160m", "moe-10e-160m", "mole-4e-160m"),
-                   "410m": ("dense-410m", "moe-10e-410m", "mole-4e-410m")}
+                   "410m": ("dense-410m", "moe-10e-410m", "mole-4e-410m"),
+                   "1b": ("dense-1b", "moe-10e-1b", "mole-4e-1b")}
 DECODE_MODELS = ("dense", "dense-k1", "moe", "moe-offload", "mole-device", "mole-host", "mole-host-k1",
                  "mole-host-gather", "mole-storage", "mole-storage-warm", "mole-storage-batched", "mole-storage-tier")
 CACHE = {"mole-storage": "cold", "mole-storage-batched": "cold", "mole-storage-tier": "cold",
          "mole-storage-warm": "warm"}  # the rest: no storage
 K1 = ("dense-k1", "mole-host-k1")  # one step per dispatch by choice
+ISOLATED_SIZES = ("410m", "1b")  # isolate=None: one process per model at these sizes (see the module docstring)
+WORKER = "mole_jax.bench.decode_worker"  # `python -m WORKER JOB_JSON`: one model's rows in a process of its own
 SAMPLE_TOP_K = 64  # every turn samples its tokens (temperature 1, top-k), each turn from its own seed
 
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # steps donate the cache: each turn gets its own
@@ -78,8 +95,9 @@ class Turns:
 def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1, 8, 32), prompt_len: int = 512,
                  link_gbps: float = 16.0, steps: int = 64, warmup: int = 16, chunk: int = 32,
                  lut_dtype: str = "float16", dtype: str | None = None, device_rows: int | None = None,
-                 steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, workdir=None, json_path=None,
-                 plot_path=None, profile_dir=None) -> dict:
+                 steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, models: Sequence[str] | None = None,
+                 isolate: bool | None = None, workdir=None, json_path=None, plot_path=None,
+                 profile_dir=None) -> dict:
     """The paper's Figure 3 on this machine: decode ms/step of Dense, MoE (experts resident), MoE with expert
     offloading, and MoLE with its table on the device, in host RAM and on disk; models of equal activated size with
     random weights, each step after a KV cache of `prompt_len` positions (random keys/values: a step's cost does not
@@ -88,10 +106,15 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
     `steps`: a load that drifts during the run affects them alike. modeled = compute (the same model with nothing
     to move: dense, moe, mole-device) + bytes moved per step over a `link_gbps` link: the paper's estimation.
     steps_per_dispatch: K of the chunked rows (a turn's steps and warmup are rounded up to whole chunks).
+    models: the rows to measure (names of DECODE_MODELS; None: all). isolate: each model in a process of its own,
+    with its peak resident memory (see the module docstring); False: all in this one, whose running peak each row
+    then records; None: isolated at ISOLATED_SIZES.
     profile_dir: after each row's timing, a jax.profiler trace of a few of its decode steps (`profile_turn`) in
     profile_dir/MODEL-batchB."""
+    models = check_models(models)
     if preset_size not in DECODE_FAMILIES:
         raise MoleError(f"unknown preset size {preset_size!r}: choose one of {', '.join(DECODE_FAMILIES)}")
+    isolate = preset_size in ISOLATED_SIZES if isolate is None else bool(isolate)
     if device_rows is not None and device_rows < 1:
         raise MoleError(f"--device-rows must be a positive number of table rows, got {device_rows}")
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -112,15 +135,20 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
         print(f"page cache dropped: first read of {cold_check['file']} ({cold_check['bytes'] / 2**20:.1f} MiB) "
               f"{cold_check['first_read_mb_per_s']:.0f} MB/s, second read {cold_check['second_read_mb_per_s']:.0f} "
               "MB/s")
-        rows = _measure(cfgs, table, cold, batch_sizes, turns, device_rows,
-                        None if profile_dir is None else Path(profile_dir))
-        floor = storage_floor(cold)
+        if isolate:
+            rows, floor = _measure_isolated(models, preset_size, dtype, Path(tmp) / "lut", batch_sizes, turns,
+                                            device_rows, profile_dir)
+        else:
+            rows = _measure(cfgs, table, cold, batch_sizes, turns, device_rows, models, profile_dir)
+            floor = storage_floor(cold)
     by = _derive(rows, modeled_key, link_gbps, np.dtype(lut_dtype).itemsize / np.dtype(dtype).itemsize)
 
     print("")
+    for r in rows:
+        r["peak_rss_mb"] = r["peak_rss_bytes"] / 2 ** 20
     print_table(rows, ["model", "batch_size", "steps_per_dispatch", "cache", "ms_per_step", "vs_dense",
                        "h2d_bytes_per_step",
-                       "h2d_bytes_per_step_as_lut_dtype", "device_param_bytes", modeled_key])
+                       "h2d_bytes_per_step_as_lut_dtype", "device_param_bytes", modeled_key, "peak_rss_mb"])
     summary = _summary(by, batch_sizes, floor, lut_dtype)
     print(f"(random weights and a random {lut_dtype} table; KV cache of {prompt_len} random positions; each step "
           f"samples (top-k {SAMPLE_TOP_K}) and is fed held-out text, a new stretch every turn; median of {steps} "
@@ -130,6 +158,12 @@ def bench_decode(preset_size: str = "small", *, batch_sizes: Sequence[int] = (1,
                "settings": {"preset_size": preset_size, "models": dict(zip(("dense", "moe", "mole"),
                                                                             DECODE_FAMILIES[preset_size])),
                             "batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "cache_len": cache_len,
+                            "rows": list(models), "isolate": isolate,
+                            "peak_rss": "each model's own process (isolate): its peak resident memory after the "
+                                        "model alone ran an untimed turn at every batch size, before Dense was "
+                                        "built beside it" if isolate else
+                                        "one process for every row: the process's peak so far after each "
+                                        "model's untimed turns (cumulative)",
                             "steps": steps, "warmup": warmup, "chunk": chunk, "steps_per_dispatch": K,
                             "link_gbps": link_gbps,
                             "lut_dtype": lut_dtype, "dtype": dtype, "weights": "random",
@@ -156,9 +190,9 @@ def _derive(rows: list[dict], modeled_key: str, link_gbps: float, lut_per_param:
     by = {(r["model"], r["batch_size"]): r for r in rows}
     resident = {"dense": "dense", "dense-k1": "dense", "moe": "moe", "moe-offload": "moe"}
     for r in rows:
-        base = by[resident.get(r["model"], "mole-device"), r["batch_size"]]
-        r["compute_ms_per_step"] = base["ms_per_step"]
-        r[modeled_key] = base["ms_per_step"] + r["h2d_bytes_per_step"] / (link_gbps * 1e9) * 1e3
+        base = by.get((resident.get(r["model"], "mole-device"), r["batch_size"]))  # absent from a --models subset
+        r["compute_ms_per_step"] = base and base["ms_per_step"]
+        r[modeled_key] = base and base["ms_per_step"] + r["h2d_bytes_per_step"] / (link_gbps * 1e9) * 1e3
         # like for like: the offloaded experts as if stored in the table's dtype (MoLE's rows already are)
         r["h2d_bytes_per_step_as_lut_dtype"] = r["h2d_bytes_per_step"] * (
             lut_per_param if r["model"] == "moe-offload" else 1.0)
@@ -240,50 +274,181 @@ def _held_out_text(vocab_size: int, seq_len: int = 256) -> tuple[np.ndarray, np.
     return counts_V, np.concatenate([tokens[w * seq_len:(w + 1) * seq_len] for w in val]).astype(np.int32)
 
 
-def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, batch_sizes: Sequence[int],
-             turns: Turns, device_rows: int | None = None, profile_dir: Path | None = None) -> list[dict[str, Any]]:
-    """One row per (model, batch size). Each model takes turns with Dense at its own steps per dispatch (its own
-    ratio is then immune to a drifting machine load), one model at a time. profile_dir: each row's steps traced
-    after its timing (profile_turn)."""
+def check_models(models: Sequence[str] | None) -> tuple[str, ...]:
+    """The chosen rows in DECODE_MODELS's order (None: all); an unknown or missing name is one line."""
+    if models is None:
+        return DECODE_MODELS
+    names = [m.strip() for m in models if m.strip()] if not isinstance(models, str) else \
+        [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in DECODE_MODELS]
+    if unknown or not names:
+        what = f"unknown model {unknown[0]!r}" if unknown else "no model given"
+        raise MoleError(f"--models: {what}: choose from {', '.join(DECODE_MODELS)}")
+    return tuple(m for m in DECODE_MODELS if m in names)
+
+
+_ALONE_SEED = 1 << 20  # the untimed turns of a model alone read their own stretch of text
+
+
+def own_peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: Linux's VmHWM, the high-water mark of
+    the address space exec made. Not ru_maxrss, which Linux carries over from the parent at exec (a child
+    spawned by a process of 500 MiB reports at least 500 MiB); ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable,
+                   batch_sizes: Sequence[int], turns: Turns, device_rows: int | None = None,
+                   dense: LanguageModel | None = None, dense_turns: bool = True,
+                   profile_dir: str | Path | None = None) -> dict[str, Any]:
+    """One model's rows, each batch size in turns with Dense at the model's steps per dispatch (its ratio is then
+    immune to a drifting machine load). First the model alone runs one untimed turn at every batch size (compiling
+    its programs), and `peak_rss_bytes` is this process's peak then, before Dense is built beside it (`dense`:
+    one already built, else built here). For "dense" itself: Dense alone, its peak and (dense_turns) its own timed
+    turns. Returns the rows and Dense's times and bytes per batch size (pooled over models by the caller).
+    profile_dir: each row's steps traced after its timing and counts (profile_turn), and Dense's once per batch
+    size."""
     K = turns.steps_per_dispatch
     build = _model_builders(cfgs, table, cold, device_rows, K)
-    dense = LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0), steps_per_dispatch=K)
-    rows, dense_times, dense_sent = [], {B: [] for B in batch_sizes}, {B: 0 for B in batch_sizes}
-    for name in DECODE_MODELS[1:]:
-        model = build[name]()
-        ref = build["dense-k1"]() if name in K1 and name != "dense-k1" else dense
-        for B in batch_sizes:
-            template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)  # one backbone
-            before = (lambda: _make_cold(model, cold, (name, B))) if CACHE.get(name) == "cold" else None
-            tier = getattr(model.decoder, "tier_counts", None)  # a device tier's lookups: this batch size's hit rate
-            hits0, tokens0 = (tier.hits, tier.tokens) if tier else (0, 0)
-            times, sent = time_against_dense(name, model, ref, template, turns, before=before)
-            if ref is dense:
-                dense_times[B] += times["dense"]
-                dense_sent[B] += sent["dense"]
-            rows.append({"model": name, "batch_size": B, "steps_per_dispatch": _steps_per_dispatch(model),
-                         "ms_per_step": median(times[name]) * 1e3,
-                         "vs_dense": median(times[name]) / median(times["dense"]),
-                         "dense_steps_per_dispatch": _steps_per_dispatch(ref),
-                         "h2d_bytes_per_step": sent[name] / len(times[name]),
-                         "device_param_bytes": model.device_param_bytes, "cache": CACHE.get(name),
-                         "reread_fraction": cold.reread_fraction((name, B)) if before else None,
-                         "hit_rate": (tier.hits - hits0) / max(tier.tokens - tokens0, 1) if tier else None})
-            print(f"  {name:<20} batch {B:>3}: {rows[-1]['ms_per_step']:8.3f} ms/step "
-                  f"({rows[-1]['vs_dense']:.3f} x dense in the same turns), "
-                  f"{rows[-1]['h2d_bytes_per_step']:,.0f} bytes/step host->device")
-            if profile_dir is not None:  # after the row's counts (hit rate, rereads) are taken
-                profile_turn(model, template, turns, profile_dir / f"{name}-batch{B}", before=before)
-                if name == DECODE_MODELS[1]:  # Dense once per batch size, beside the first model
-                    profile_turn(dense, template, turns, profile_dir / f"dense-batch{B}")
+
+    def make_dense() -> LanguageModel:
+        return LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0), steps_per_dispatch=K)
+
+    model = (dense or make_dense()) if name == "dense" else build[name]()
+    for B in batch_sizes:
+        template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)  # one backbone
+        time_turn(model, template, turns.steps_per_dispatch, turns.warmup, sampler=turns.sampler, seed=_ALONE_SEED,
+                  text_N=turns.text_N)  # a chunk after the warmup: every program of a turn has run
+        del template
+    out = {"rows": [], "dense_times": {B: [] for B in batch_sizes}, "dense_sent": {B: 0 for B in batch_sizes},
+           "peak_rss_bytes": own_peak_rss_bytes(), "dense_device_param_bytes": None}
+    if name == "dense":
+        out["dense_device_param_bytes"] = model.device_param_bytes
+        for B in batch_sizes if dense_turns else ():
+            template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)
+            for r in range(-(-turns.steps // turns.chunk)):
+                n = min(turns.chunk, turns.steps - len(out["dense_times"][B]))
+                t, b = time_turn(model, template, n, turns.warmup, sampler=turns.sampler, seed=r, text_N=turns.text_N)
+                out["dense_times"][B] += t
+                out["dense_sent"][B] += b
             del template
-        del model
-    return rows + [{"model": "dense", "batch_size": B, "steps_per_dispatch": K, "ms_per_step":
-                    median(dense_times[B]) * 1e3, "vs_dense": 1.0, "dense_steps_per_dispatch": K,
-                    "h2d_bytes_per_step": dense_sent[B] / len(dense_times[B]),
-                    "device_param_bytes": dense.device_param_bytes, "cache": None, "reread_fraction": None,
-                    "hit_rate": None}
-                   for B in batch_sizes]
+        return out
+    dense = dense or make_dense()
+    ref = build["dense-k1"]() if name in K1 and name != "dense-k1" else dense
+    out["dense_device_param_bytes"] = dense.device_param_bytes
+    for B in batch_sizes:
+        template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)  # one backbone
+        before = (lambda: _make_cold(model, cold, (name, B))) if CACHE.get(name) == "cold" else None
+        tier = getattr(model.decoder, "tier_counts", None)  # a device tier's lookups: this batch size's hit rate
+        hits0, tokens0 = (tier.hits, tier.tokens) if tier else (0, 0)
+        times, sent = time_against_dense(name, model, ref, template, turns, before=before)
+        del template
+        if ref is dense:
+            out["dense_times"][B] += times["dense"]
+            out["dense_sent"][B] += sent["dense"]
+        row = {"model": name, "batch_size": B, "steps_per_dispatch": _steps_per_dispatch(model),
+               "ms_per_step": median(times[name]) * 1e3,
+               "vs_dense": median(times[name]) / median(times["dense"]),
+               "dense_steps_per_dispatch": _steps_per_dispatch(ref),
+               "h2d_bytes_per_step": sent[name] / len(times[name]),
+               "device_param_bytes": model.device_param_bytes, "cache": CACHE.get(name),
+               "reread_fraction": cold.reread_fraction((name, B)) if before else None,
+               "hit_rate": (tier.hits - hits0) / max(tier.tokens - tokens0, 1) if tier else None,
+               "peak_rss_bytes": out["peak_rss_bytes"]}
+        out["rows"].append(row)
+        print(f"  {name:<20} batch {B:>3}: {row['ms_per_step']:8.3f} ms/step ({row['vs_dense']:.3f} x dense in the "
+              f"same turns), {row['h2d_bytes_per_step']:,.0f} bytes/step host->device, peak RSS "
+              f"{row['peak_rss_bytes'] / 2**20:,.0f} MiB")
+        if profile_dir is not None:  # after the row's counts (hit rate, rereads) are taken
+            template = random_state(cfgs["mole"], B, turns.prompt_len, turns.cache_len, seed=B)
+            profile_turn(model, template, turns, Path(profile_dir) / f"{name}-batch{B}", before=before)
+            if not (Path(profile_dir) / f"dense-batch{B}").exists():
+                profile_turn(dense, template, turns, Path(profile_dir) / f"dense-batch{B}")
+            del template
+    return out
+
+
+def _dense_rows(results: list[dict[str, Any]], batch_sizes: Sequence[int], K: int, peak: int | None) -> list[dict]:
+    """The `dense` rows: Dense's times pooled over every model's turns with it (or Dense's own turns, when no
+    model took turns with it)."""
+    times = {B: [t for r in results for t in r["dense_times"][B]] for B in batch_sizes}
+    sent = {B: sum(r["dense_sent"][B] for r in results) for B in batch_sizes}
+    device_bytes = next(r["dense_device_param_bytes"] for r in results if r["dense_device_param_bytes"] is not None)
+    return [{"model": "dense", "batch_size": B, "steps_per_dispatch": K, "ms_per_step": median(times[B]) * 1e3,
+             "vs_dense": 1.0, "dense_steps_per_dispatch": K, "h2d_bytes_per_step": sent[B] / len(times[B]),
+             "device_param_bytes": device_bytes, "cache": None, "reread_fraction": None, "hit_rate": None,
+             "peak_rss_bytes": peak} for B in batch_sizes]
+
+
+def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, batch_sizes: Sequence[int],
+             turns: Turns, device_rows: int | None = None, models: Sequence[str] = DECODE_MODELS,
+             profile_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per (model, batch size), every model in this process, one at a time, each with the one Dense.
+    Dense's own turns run only when no chosen model takes turns with it."""
+    K = turns.steps_per_dispatch
+    dense = LanguageModel(cfgs["dense"], init_params(cfgs["dense"], seed=0), steps_per_dispatch=K)
+    results = []
+    for name in models:
+        if name != "dense":
+            results.append(_measure_model(name, cfgs, table, cold, batch_sizes, turns, device_rows, dense,
+                                          profile_dir=profile_dir))
+    if "dense" not in models:
+        return [row for r in results for row in r["rows"]]
+    if not any(r["dense_times"][batch_sizes[0]] for r in results):
+        results.append(_measure_model("dense", cfgs, table, cold, batch_sizes, turns, device_rows, dense))
+    return [row for r in results for row in r["rows"]] + _dense_rows(results, batch_sizes, K, own_peak_rss_bytes())
+
+
+def _measure_isolated(models: Sequence[str], preset_size: str, dtype: str, table_dir: Path,
+                      batch_sizes: Sequence[int], turns: Turns, device_rows: int | None,
+                      profile_dir: str | Path | None = None) -> tuple[list[dict[str, Any]], dict]:
+    """Each chosen model in a process of its own (bench/decode_worker.py; "dense": Dense alone). The rows, and the
+    cold batched reads' floor of the first model that made such reads."""
+    partnered = any(m != "dense" and m not in K1 for m in models)  # Dense's times come from its partners' turns
+    job = {"preset_size": preset_size, "dtype": dtype, "table": str(table_dir), "batch_sizes": list(batch_sizes),
+           "device_rows": device_rows, "dense_turns": not partnered,
+           "profile_dir": None if profile_dir is None else str(profile_dir),
+           "turns": {f.name: getattr(turns, f.name) for f in dataclasses.fields(Turns)
+                     if f.name not in ("sampler", "text_N")}}
+    results, floor = {}, {}
+    for name in models:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", WORKER, json.dumps({**job, "model": name})],
+                             capture_output=True, text=True)
+        sys.stdout.write("".join(line + "\n" for line in out.stdout.splitlines()[:-1]))  # the worker's progress
+        if out.returncode:
+            raise RuntimeError(f"bench decode: the {name} process failed:\n{out.stderr[-3000:]}")
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name]["dense_times"] = {int(B): t for B, t in results[name]["dense_times"].items()}
+        results[name]["dense_sent"] = {int(B): n for B, n in results[name]["dense_sent"].items()}
+        floor = floor or results[name].pop("floor")
+        print(f"  ({name}: its own process, {time.perf_counter() - t0:.0f} s, peak RSS "
+              f"{results[name]['peak_rss_bytes'] / 2**20:,.0f} MiB)")
+    rows = [row for name in models if name != "dense" for row in results[name]["rows"]]
+    if "dense" in models:
+        rows += _dense_rows(list(results.values()), batch_sizes, turns.steps_per_dispatch,
+                            results["dense"]["peak_rss_bytes"])
+    return rows, floor
+
+
+def run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One model's rows in this process (bench/decode_worker.py): what `_measure_model` returns, with the cold
+    batched reads' floor."""
+    t = job["turns"]
+    cfgs = _configs(job["preset_size"], job["dtype"], t["cache_len"])
+    V = cfgs["mole"].vocab_size
+    turns = Turns(**t, sampler=jax.device_put(make_sampler(1.0, SAMPLE_TOP_K, 1.0, V)), text_N=_held_out_text(V)[1])
+    table, cold = open_lut(job["table"]), ColdTable(job["table"])
+    out = _measure_model(job["model"], cfgs, table, cold, job["batch_sizes"], turns, job["device_rows"],
+                         dense_turns=job.get("dense_turns", True), profile_dir=job.get("profile_dir"))
+    return {**out, "floor": storage_floor(cold)}
 
 
 def profile_turn(model: LanguageModel, template, turns: Turns, directory: Path, *,
@@ -409,36 +574,47 @@ class _TextFed:
 
 
 def _summary(by: dict, batch_sizes: Sequence[int], floor: dict, lut_dtype: str) -> dict[str, Any]:
-    """The ratios that summarise the run, printed and returned."""
-    def per_batch(fn):
+    """The ratios that summarise the run, printed and returned: those whose rows were measured (--models)."""
+    def per_batch(fn, *need):
+        if not all((m, B) in by for m in need for B in batch_sizes):
+            return None
         return {B: fn(B) for B in batch_sizes}
 
+    def vs_dense(model):
+        return per_batch(lambda B: by[model, B]["vs_dense"], model)
+
+    B0 = batch_sizes[0]
     summary = {
         # each against Dense in its own turns at the same steps per dispatch
-        "mole-host / dense ms": per_batch(lambda B: by["mole-host", B]["vs_dense"]),
-        "mole-host-k1 / dense-k1 ms (one step per dispatch)": per_batch(lambda B: by["mole-host-k1", B]["vs_dense"]),
-        "dense-k1 / dense ms (what chunking saves)": per_batch(lambda B: by["dense-k1", B]["vs_dense"]),
-        "mole-host-gather / dense ms (the host's round trip)": per_batch(
-            lambda B: by["mole-host-gather", B]["vs_dense"]),
-        "mole-storage (cold) / dense ms": per_batch(lambda B: by["mole-storage", B]["vs_dense"]),
-        "mole-storage-warm / dense ms": per_batch(lambda B: by["mole-storage-warm", B]["vs_dense"]),
-        "mole-storage-batched (cold) / dense ms": per_batch(lambda B: by["mole-storage-batched", B]["vs_dense"]),
+        "mole-host / dense ms": vs_dense("mole-host"),
+        "mole-host-k1 / dense-k1 ms (one step per dispatch)": vs_dense("mole-host-k1"),
+        "dense-k1 / dense ms (what chunking saves)": vs_dense("dense-k1"),
+        "mole-host-gather / dense ms (the host's round trip)": vs_dense("mole-host-gather"),
+        "mole-storage (cold) / dense ms": vs_dense("mole-storage"),
+        "mole-storage-warm / dense ms": vs_dense("mole-storage-warm"),
+        "mole-storage-batched (cold) / dense ms": vs_dense("mole-storage-batched"),
         "mole-storage-batched (cold): rows re-read within a turn": per_batch(
-            lambda B: by["mole-storage-batched", B]["reread_fraction"]),
+            lambda B: by["mole-storage-batched", B]["reread_fraction"], "mole-storage-batched"),
         # each against Dense in its own turns: the ratio of two medians taken minutes apart would carry the drift
         "moe / moe-offload ms, each vs dense in its turns": per_batch(
-            lambda B: by["moe", B]["vs_dense"] / by["moe-offload", B]["vs_dense"]),
-        "mole-host / dense device bytes":
-            by["mole-host", batch_sizes[0]]["device_param_bytes"] / by["dense", batch_sizes[0]]["device_param_bytes"],
+            lambda B: by["moe", B]["vs_dense"] / by["moe-offload", B]["vs_dense"], "moe", "moe-offload"),
+        "mole-host / dense device bytes": (
+            by["mole-host", B0]["device_param_bytes"] / by["dense", B0]["device_param_bytes"]
+            if ("mole-host", B0) in by and ("dense", B0) in by else None),
         "moe-offload / mole-host h2d bytes, as stored": per_batch(
-            lambda B: by["moe-offload", B]["h2d_bytes_per_step"] / max(by["mole-host", B]["h2d_bytes_per_step"], 1)),
+            lambda B: by["moe-offload", B]["h2d_bytes_per_step"] / max(by["mole-host", B]["h2d_bytes_per_step"], 1),
+            "moe-offload", "mole-host"),
         "device tier (mole-storage-tier): hit rate on held-out text": per_batch(
-            lambda B: by["mole-storage-tier", B]["hit_rate"]),
-        "mole-storage-tier (cold) / dense ms": per_batch(lambda B: by["mole-storage-tier", B]["vs_dense"]),
+            lambda B: by["mole-storage-tier", B]["hit_rate"], "mole-storage-tier"),
+        "mole-storage-tier (cold) / dense ms": vs_dense("mole-storage-tier"),
         f"moe-offload / mole-host h2d bytes, both {lut_dtype} (like for like; paper ~1,500x at 410M)": per_batch(
             lambda B: by["moe-offload", B]["h2d_bytes_per_step_as_lut_dtype"]
-            / max(by["mole-host", B]["h2d_bytes_per_step"], 1)),
+            / max(by["mole-host", B]["h2d_bytes_per_step"], 1), "moe-offload", "mole-host"),
+        "peak RSS MiB (each model's own process when isolated)": {
+            m: by[m, B0]["peak_rss_bytes"] / 2 ** 20 for m in DECODE_MODELS
+            if (m, B0) in by and by[m, B0]["peak_rss_bytes"] is not None} or None,
     }
+    summary = {k: v for k, v in summary.items() if v is not None}
     if floor:
         summary["cold batched storage rows/s / thread-pool pread floor"] = floor["storage_vs_pread"]
     print("\n".join(summary_lines(summary, floor)))
@@ -454,7 +630,8 @@ def summary_lines(summary: dict[str, Any], floor: dict) -> list[str]:
                      f"{floor['tensorstore_replay_rows_per_s']:,.0f} replayed, pread floor "
                      f"{floor['pread_rows_per_s']:,.0f} rows/s ({floor['rows']:,} rows in {floor['reads']:,} reads)")
     for k, v in summary.items():
-        lines.append(f"{k}: " + (", ".join(f"batch {B} {x:.3g}" for B, x in v.items() if x is not None)
+        lines.append(f"{k}: " + (", ".join((f"batch {B} {x:.3g}" if str(B).isdigit() else f"{B} {x:,.0f}")
+                                           for B, x in v.items() if x is not None)
                                  if isinstance(v, dict) else f"{v:.4f}"))
     return lines
 
@@ -478,6 +655,9 @@ def _plot_decode(rows, batch_sizes, modeled_key, path) -> None:
         for i, name in enumerate(DECODE_MODELS):
             if key == "h2d_bytes_per_step" and name in ("dense", "dense-k1", "moe", "mole-device"):
                 continue  # nothing moves: no point on a log axis
+            if not any(r["model"] == name for r in rows) or (key == modeled_key and any(
+                    r[key] is None for r in rows if r["model"] == name)):
+                continue  # not measured (--models), or no compute row to model it from
             ys = [next(r[key] for r in rows if r["model"] == name and r["batch_size"] == B) for B in batch_sizes]
             ax.plot(batch_sizes, ys, marker="o", label=name, color=f"C{i}")
         ax.set(xscale="log", yscale=yscale, xlabel="batch size", ylabel=ylabel, title=title)
