@@ -5,9 +5,9 @@ read in batches).
 
 The parent writes bench decode's random float16 table of the family's MoLE once (under --workdir, default a
 temporary directory); each placement then decodes in a process of its own (`LanguageModel.generate`, random
-weights, batch 1, a 64-token prompt, 64 new tokens, greedy) and reports its peak resident set (getrusage
-ru_maxrss: the pages of a mapped file count while the process has them mapped in, not the rest of the page
-cache). The table's files are dropped from the page cache before each storage run, so that process starts cold
+weights, batch 1, a 64-token prompt, 64 new tokens, greedy) and reports its peak resident set (VmHWM,
+bench.tools.peak_rss_bytes: the pages of a mapped file count while the process has them mapped in, not the rest of
+the page cache). The table's files are dropped from the page cache before each storage run, so that process starts cold
 (the mapped table is checked row by row when it is opened, in pieces released as they are checked).
 """
 
@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from mole_jax.bench.decode import DECODE_FAMILIES, _configs
+from mole_jax.bench.tools import peak_rss_bytes
 from mole_jax.decode import LanguageModel
 from mole_jax.lut import open_lut
 from mole_jax.model import init_params
@@ -43,8 +44,7 @@ model.generate(prompt, 8)  # compiles
 t0 = time.perf_counter()
 model.generate(prompt, 64)
 ms = (time.perf_counter() - t0) / 64 * 1e3
-print(json.dumps({"placement": placement, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "ms_per_step": ms}))
+print(json.dumps({"placement": placement, "peak_rss_bytes": peak_rss_bytes(), "ms_per_step": ms}))
 """
 
 

@@ -115,7 +115,7 @@ RSS = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from mole_jax import cli, convert, lut, schemes
-from mole_jax.bench.convert_worker import peak_rss_bytes
+from mole_jax.bench.tools import peak_rss_bytes
 
 ckpt, out = sys.argv[1], sys.argv[2]
 assert cli.main(["convert", ckpt, out, "--no-progress"]) == 0  # as a user runs it
@@ -149,7 +149,7 @@ def test_peak_rss_does_not_grow_with_the_layers(tmp_path):
     """d 512, 4 experts of F 4,096: 64 MiB of float32 experts per layer, 128 MiB at 2 layers and 512 MiB at 8 (more
     than a JAX process's own RSS). Restoring every layer at once would add the 384 MiB of the six extra layers;
     `mole-jax convert`, reading a layer at a time, peaks within 20% and within a quarter of that at both depths
-    (its own peak: VmHWM, see bench/convert_worker.py). Both tables equal all layers computed at once, bit for
+    (its own peak: VmHWM, see bench/tools.py). Both tables equal all layers computed at once, bit for
     bit."""
     cfg = ModelConfig(kind="mole", vocab_size=128, num_layers=8, d_model=512, num_heads=4, ffn_dim=64,
                       expert_dim=4096, num_experts=4, max_seq_len=64)

@@ -12,27 +12,13 @@ this process's peak, "info": lut.read_info(table)}. The conversion runs as `mole
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from typing import Any
 
 from mole_jax.convert import BUFFER_BYTES, convert_to_lut, return_freed_memory_promptly
+from mole_jax.bench.tools import peak_rss_bytes
 from mole_jax.lut import read_info
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this program: VmHWM, the high-water mark of this process's own address space.
-    Not ru_maxrss, which Linux carries over an exec from the address space replaced: a worker started by
-    a parent holding gigabytes (the benchmark's random checkpoint) would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_conversion(job: dict[str, Any]) -> dict[str, Any]:

@@ -290,20 +290,6 @@ def check_models(models: Sequence[str] | None) -> tuple[str, ...]:
 _ALONE_SEED = 1 << 20  # the untimed turns of a model alone read their own stretch of text
 
 
-def own_peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started its program: Linux's VmHWM, the high-water mark of
-    the address space exec made. Not ru_maxrss, which Linux carries over from the parent at exec (a child
-    spawned by a process of 500 MiB reports at least 500 MiB); ru_maxrss where there is no /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
-
-
 def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable,
                    batch_sizes: Sequence[int], turns: Turns, device_rows: int | None = None,
                    dense: LanguageModel | None = None, dense_turns: bool = True,
@@ -328,7 +314,7 @@ def _measure_model(name: str, cfgs: dict[str, ModelConfig], table: LookupTable, 
                   text_N=turns.text_N)  # a chunk after the warmup: every program of a turn has run
         del template
     out = {"rows": [], "dense_times": {B: [] for B in batch_sizes}, "dense_sent": {B: 0 for B in batch_sizes},
-           "peak_rss_bytes": own_peak_rss_bytes(), "dense_device_param_bytes": None}
+           "peak_rss_bytes": peak_rss_bytes(), "dense_device_param_bytes": None}
     if name == "dense":
         out["dense_device_param_bytes"] = model.device_param_bytes
         for B in batch_sizes if dense_turns else ():
@@ -403,7 +389,7 @@ def _measure(cfgs: dict[str, ModelConfig], table: LookupTable, cold: ColdTable, 
         return [row for r in results for row in r["rows"]]
     if not any(r["dense_times"][batch_sizes[0]] for r in results):
         results.append(_measure_model("dense", cfgs, table, cold, batch_sizes, turns, device_rows, dense))
-    return [row for r in results for row in r["rows"]] + _dense_rows(results, batch_sizes, K, own_peak_rss_bytes())
+    return [row for r in results for row in r["rows"]] + _dense_rows(results, batch_sizes, K, peak_rss_bytes())
 
 
 def _measure_isolated(models: Sequence[str], preset_size: str, dtype: str, table_dir: Path,

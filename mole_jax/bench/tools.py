@@ -44,7 +44,16 @@ def median(xs: Sequence[float]) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process's program so far: Linux's VmHWM, the high-water mark of the address
+    space its exec made. Not ru_maxrss, which Linux carries over an exec from the address space replaced (a worker
+    spawned by a parent of 2 GiB reports at least 2 GiB); ru_maxrss only where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
