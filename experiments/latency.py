@@ -28,9 +28,10 @@ class Settings(NamedTuple):
     steps: int
     warmup: int
     chunk: int
+    steps_per_dispatch: int = 16  # bench decode's default; tiny: 2, so that its few steps are whole chunks
 
 
-SETTINGS = {"tiny": Settings("tiny", (1, 4), 32, 4, 1, 2),
+SETTINGS = {"tiny": Settings("tiny", (1, 4), 32, 4, 2, 2, steps_per_dispatch=2),
             "small": Settings("small", (1, 8, 32), 512, 50, 3, 10),
             "paper": Settings("410m", (1, 8, 32), 512, 50, 3, 10)}  # the paper's Figure 3: 410M, prompt 512
 MODELS = ("dense", "moe", "moe-offload", "mole-device", "mole-host", "mole-storage")
@@ -64,7 +65,8 @@ def measure(ctx: cli.Context, s: Settings, batch_sizes: tuple[int, ...]) -> tupl
     workdir.mkdir(parents=True, exist_ok=True)
     payload = bench_decode(preset_size=s.preset_size, batch_sizes=batch_sizes, prompt_len=s.prompt_len,
                            link_gbps=ctx.args.link_gbps, steps=ctx.args.steps or s.steps, warmup=s.warmup,
-                           chunk=s.chunk, lut_dtype=ctx.args.lut_dtype, workdir=workdir)
+                           chunk=s.chunk, lut_dtype=ctx.args.lut_dtype, steps_per_dispatch=s.steps_per_dispatch,
+                           models=MODELS, workdir=workdir)
     return payload, get_preset(DECODE_FAMILIES[s.preset_size][1])
 
 
