@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from mole_jax.bench.decode import SAMPLE_TOP_K, _configs, _held_out_text, _random_table, time_turn
 from mole_jax.bench.tools import machine, median, write_json

@@ -44,9 +44,9 @@ def load(path, lut=None, lut_placement: str = "device", *, tokenizer=None, **kwa
     tokenizer.json, a directory holding one, or a tokenizers.Tokenizer replaces it, e.g. GPT-NeoX-20B's for the
     authors' released checkpoints, which carry none. It is read and checked against the model's vocabulary before
     the weights are."""
-    from mole_jax import checkpoint, decode, hf
+    from mole_jax import checkpoint, data, decode
 
-    given = None if tokenizer is None else hf.load_tokenizer(tokenizer, checkpoint.model_config(path).vocab_size)
+    given = None if tokenizer is None else data.resolve_tokenizer(tokenizer, checkpoint.model_config(path).vocab_size)
     model = decode.load(path, lut, lut_placement, **kwargs)
     if given is not None:
         model._tokenizer = given  # what the LanguageModel.tokenizer property would otherwise read from RUN_DIR

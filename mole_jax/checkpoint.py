@@ -3,13 +3,13 @@
     RUN_DIR/
       run.json               what the run is: model config, train config, data and tokenizer description
       tokenizer.json         when the run has a tokenizer
-      checkpoints/<step>/    Orbax items: params (model weights), opt_state (training only), meta (JSON), and
-                             lut_binding.json once a table was bound to it (see `recorded_fingerprint`)
+      checkpoints/<step>/    Orbax items: params (model weights), opt_state (training only), meta (JSON)
       metrics.jsonl          the training log
       lut/                   a MoLE lookup table (import of an inference-form checkpoint, or `mole-jax convert`)
 
 Every step directory is self-describing: its `meta` item holds the model config, so a step directory, a
-checkpoints directory or a run directory can each be handed to `locate`/`restore_params`.
+checkpoints directory or a run directory can each be handed to `locate`/`restore_params`. Reading a checkpoint
+never writes into it: it is an input, maybe read-only or shared.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,19 +24,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mole_jax import data
 from mole_jax.config import ModelConfig, MoleError
 from mole_jax.model import Params, graphdef_and_shapes
 
 FORMAT = "mole-jax/1"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
-TOKENIZER = "tokenizer.json"
+TOKENIZER = data.TOKENIZER
 METRICS = "metrics.jsonl"
 LUT = "lut"
-BINDING = "lut_binding.json"
-BINDING_FORMAT = "mole-jax-lut-binding/1"
 # A file modified this close to the moment its signature is recorded may be modified again within the same
-# timestamp tick (coarse clocks, 2 s on FAT) without a new mtime: such a signature is never recorded.
+# timestamp tick (coarse clocks, 2 s on FAT) without a new mtime: such a signature is never recorded (a table
+# records its checkpoint's signature only when its files are older: convert.fingerprint_checkpoint).
 RACY_NS = 2_000_000_000
 
 
@@ -175,10 +173,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-# The fingerprint of a table's inputs, recorded beside the checkpoint ----------------------------------------------
+# The signature of a checkpoint's parameter files ------------------------------------------------------------------
 def params_signature(path: str | Path) -> dict[str, list[int]]:
     """[size, mtime_ns] of every file of the checkpoint's `params` item (where the experts are), by path relative
-    to the step directory: what `recorded_fingerprint` compares, as make and rsync's quick check do."""
+    to the step directory: what a table records of the checkpoint it was converted from (lut.json's
+    `source.params_files`) and `decode.checkpoint_fingerprint` compares, as make and rsync's quick check do."""
     step_dir = locate(path).path
     signature = {}
     for root, _, files in os.walk(step_dir / "params"):
@@ -186,44 +185,3 @@ def params_signature(path: str | Path) -> dict[str, list[int]]:
             st = os.stat(os.path.join(root, name))
             signature[os.path.relpath(os.path.join(root, name), step_dir)] = [st.st_size, st.st_mtime_ns]
     return dict(sorted(signature.items()))
-
-
-def recorded_fingerprint(path: str | Path) -> str | None:
-    """The fingerprint of the table inputs (lut.fingerprint) recorded for this checkpoint, if its parameter files
-    are the ones it was computed from (same paths, sizes and mtimes); None: compute it and `record_fingerprint`."""
-    step_dir = locate(path).path
-    try:
-        binding = json.loads((step_dir / BINDING).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(binding, dict) or binding.get("format") != BINDING_FORMAT:
-        return None
-    if binding.get("params_files") != params_signature(step_dir):
-        return None
-    fp = binding.get("fingerprint")
-    return fp if isinstance(fp, str) else None
-
-
-def record_fingerprint(path: str | Path, fingerprint: str, *, signature: dict[str, list[int]]) -> bool:
-    """Record `fingerprint`, computed from the checkpoint's parameters, beside it (STEP/lut_binding.json, written
-    atomically). signature: `params_signature(path)` taken before the parameters were read; nothing is recorded
-    if the files changed since, if they are too recent to be told apart by mtime (RACY_NS), or if the directory
-    is not writable (a read-only checkpoint loads as before, without the shortcut). Returns whether it was."""
-    step_dir = locate(path).path
-    now_ns = time.time_ns()
-    if signature != params_signature(step_dir) or any(mtime > now_ns - RACY_NS for _, mtime in signature.values()):
-        return False
-    binding = {"format": BINDING_FORMAT, "fingerprint": fingerprint, "params_files": signature}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{BINDING}.", dir=step_dir)
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(binding, indent=1) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the checkpoint's other readers
-        os.replace(tmp, step_dir / BINDING)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
-        return False
-    return True

@@ -43,6 +43,8 @@ gs://); process 0 prepares the table and, after a barrier, verifies and complete
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import threading
@@ -98,9 +100,6 @@ def return_freed_memory_promptly() -> bool:
     (tens of MiB an array) are then allocated and kept in its per-thread arenas: a conversion's peak RSS crept
     up with every layer read (measured: +130 MB from 2 to 8 layers of 64 MiB of experts; +10 MB with this).
     Returns whether it applies (False where the C library has no mallopt)."""
-    import ctypes
-    import ctypes.util
-
     M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -315,7 +314,7 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     replicated = NamedSharding(mesh, P())
     with _stop_on(stop_signals) as stop:
         embed_VxD = source.embedding()
-        fingerprint, signature = _fingerprint(ckpt, source, embed_VxD, cfg.num_layers)
+        fingerprint, signature = fingerprint_checkpoint(ckpt, cfg, source=source, embed_VxD=embed_VxD)
         embed_VxD = jax.device_put(embed_VxD, replicated)
         resumed = {} if overwrite else lut_writer.interrupted_meta(lut_dir) or {}  # what a resume keeps unless told
         shard_rows = shard_rows or resumed.get("shard_rows") or default_shard_rows(cfg, layout)
@@ -341,16 +340,22 @@ def convert_to_lut(ckpt, lut_dir, dtype: str = "float16", *, batch_rows: int | N
     return writer.location
 
 
-def _fingerprint(ckpt, source: CheckpointLayers, embed_VxD: np.ndarray, num_layers: int) -> tuple[str, dict | None]:
-    """The fingerprint of the table inputs, computed layer by layer (one pass over the experts, at most two layers
-    in memory), and the signature of the parameter files it was computed from, for the table's binding (None if
-    they changed while being read or are too recent for their mtimes to tell a later change, checkpoint.RACY_NS).
-    The binding lives in the table, never in the checkpoint (an input, maybe read-only or shared), so that loading
-    the table with this checkpoint need not read the experts again (decode.checkpoint_fingerprint)."""
+def fingerprint_checkpoint(ckpt, cfg: ModelConfig, *, source: CheckpointLayers | None = None,
+                           embed_VxD: np.ndarray | None = None) -> tuple[str, dict | None]:
+    """lut.fingerprint of a training-form checkpoint's table inputs, computed layer by layer on the host (one pass
+    over the experts, at most two layers in memory), and the signature of the parameter files it was computed from
+    (checkpoint.params_signature), for a table to record (None if they changed while being read or are too recent
+    for their mtimes to tell a later change, checkpoint.RACY_NS). source / embed_VxD: the checkpoint's
+    CheckpointLayers and embedding when the caller has them already. Nothing is written: the binding lives in the
+    table, never in the checkpoint (an input, maybe read-only or shared), so that loading the table with this
+    checkpoint need not read the experts again (decode.checkpoint_fingerprint)."""
     signature = checkpoint.params_signature(ckpt)  # before the experts are read: what the fingerprint is of
+    source = source or CheckpointLayers(ckpt, cfg)
+    if embed_VxD is None:
+        embed_VxD = source.embedding()
     loader = _LayerLoader(source)
     try:
-        fingerprint = lut.fingerprint_of(embed_VxD, loader.layers(num_layers))
+        fingerprint = lut.fingerprint_of(embed_VxD, loader.layers(cfg.num_layers))
     finally:
         loader.close()
     now_ns = time.time_ns()
@@ -660,66 +665,117 @@ def _verify_written(writer: TableWriter, spot: _SpotRows) -> dict:
 
 
 def verify_lut(lut_dir, ckpt=None, *, rows: int = VERIFY_ROWS_PER_SHARD, full: bool = False,
-               seed: int | None = None, progress: bool = False) -> dict:
+               seed: int | None = None, progress: bool = False, buffer_bytes: int = BUFFER_BYTES) -> dict:
     """Check a complete table shard by shard: every shard file present, laid out as the format says (raw rows in
     row order, of its exact size: what mapping needs) and every row's checksum (each file read whole), and, given
     the checkpoint it was built from, `rows` random rows per shard (full=True: every row) recomputed
-    and compared with the scheme's bound. Returns a report: "ok", "problems" (one line per bad shard, naming it),
-    "shards", "rows" recomputed, "max_abs_error", "max_error_over_allowed", "seed", "scheme", "fingerprint".
-    MoleError for what is not a complete table, or (given ckpt) not one of this checkpoint's parameters."""
+    and compared with the scheme's bound. The checkpoint is read layer by layer, as the conversion reads it: its
+    fingerprint (fingerprint_checkpoint), then the recomputed rows in passes of at most buffer_bytes of float32
+    rows (at least one shard), each pass reading every layer once. Returns a report: "ok", "problems" (one line
+    per bad shard, naming it), "shards", "rows" recomputed, "max_abs_error", "max_error_over_allowed", "seed",
+    "scheme", "fingerprint". MoleError for what is not a complete table, or (given ckpt) not one of this
+    checkpoint's parameters."""
     if not full and (not isinstance(rows, int) or rows < 1):
         raise MoleError(f"rows per shard must be a positive integer, got {rows!r}")
+    if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool) or buffer_bytes <= 0:
+        raise MoleError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
     table = lut.open_lut(lut_dir, allow_missing=True, cache_bytes=0)  # no cache: every chunk comes from storage
-    inputs = _checkpoint_inputs(table, ckpt) if ckpt is not None else None
+    source = _checkpoint_layers(table, ckpt) if ckpt is not None else None
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2 ** 32)
     rng = np.random.default_rng(seed)
-    rows_fn = jax.jit(lut_rows_fn(table.config))
     problems: dict[int, str | None] = {}
     for i, key in table.missing_shards():
         start, stop = table.shard_range(i)
         problems.setdefault(i, f"shard {i} ({key}, rows {start}..{stop - 1}): missing")
-    batch = default_batch_rows(table.config, table.shard_rows) if full else rows  # one compiled shape
-    worst = {"rows": 0, "max_abs_error": 0.0, "max_error_over_allowed": 0.0}
+    sampled: dict[int, np.ndarray] = {}  # the ids to recompute, by shard
     for i in tqdm(range(table.num_shards), desc="verify", unit="shard", disable=not progress):
         problems[i] = problems.get(i) or table.check_shard(i)
-        if problems[i] or inputs is None:
+        if problems[i] or source is None:
             continue
         start, stop = table.shard_range(i)
-        ids = np.arange(start, stop) if full else np.sort(rng.choice(np.arange(start, stop), min(rows, stop - start),
-                                                                     replace=False))
-        with jax.default_matmul_precision("highest"):
-            ref = _recompute(rows_fn, inputs, ids, batch)
-        report = compare_rows(ref, table.rows(ids), table.scheme, table.block)
-        worst = {"rows": worst["rows"] + report["rows"],
-                 **{k: max(worst[k], report[k]) for k in ("max_abs_error", "max_error_over_allowed")}}
-        if not report["ok"]:
-            problems[i] = (f"shard {i} (rows {start}..{stop - 1}): rows differ from the checkpoint's experts by up "
-                           f"to {report['max_error_over_allowed']:.3g}x the allowed error")
+        sampled[i] = np.arange(start, stop) if full else np.sort(
+            rng.choice(np.arange(start, stop), min(rows, stop - start), replace=False))
+    worst = {"rows": 0, "max_abs_error": 0.0, "max_error_over_allowed": 0.0}
+    if sampled:
+        batch = default_batch_rows(table.config, table.shard_rows) if full else rows  # one compiled shape
+        for i, report in _recompare(table, source, sampled, batch=batch, buffer_bytes=buffer_bytes,
+                                    progress=progress):
+            worst = {"rows": worst["rows"] + report["rows"],
+                     **{k: max(worst[k], report[k]) for k in ("max_abs_error", "max_error_over_allowed")}}
+            if not report["ok"]:
+                start, stop = table.shard_range(i)
+                problems[i] = (f"shard {i} (rows {start}..{stop - 1}): rows differ from the checkpoint's experts by "
+                               f"up to {report['max_error_over_allowed']:.3g}x the allowed error")
     bad = [line for _, line in sorted(problems.items()) if line]
     return {"ok": not bad, "problems": bad, "shards": table.num_shards, **worst, "seed": seed,
             "scheme": table.scheme, "fingerprint": table.fingerprint, "checksum": table.meta.get("checksum")}
 
 
-def _checkpoint_inputs(table: lut.LookupTable, ckpt) -> dict:
-    """The table inputs of `ckpt` (host arrays), refusing a checkpoint of another model or other parameters."""
+def _checkpoint_layers(table: lut.LookupTable, ckpt) -> CheckpointLayers:
+    """`ckpt`'s table inputs to read layer by layer, refusing a checkpoint of another model or other parameters
+    (its fingerprint computed layer by layer: fingerprint_checkpoint)."""
     cfg, _ = training_form_config(ckpt)
     if cfg.replace(dtype="float32", param_dtype="float32") != table.config.replace(dtype="float32",
                                                                                     param_dtype="float32"):
         raise MoleError(f"table {table.path} was built for another model than checkpoint {ckpt}")
-    inputs = restore_table_inputs(ckpt, cfg)
-    fp = lut.fingerprint(inputs)
+    source = CheckpointLayers(ckpt, cfg)
+    fp, _ = fingerprint_checkpoint(ckpt, cfg, source=source)
     if fp != table.fingerprint:
         raise MoleError(f"table {table.path} was built from different parameters than {ckpt} (fingerprint "
                         f"{table.fingerprint[:12]}, checkpoint {fp[:12]})")
-    return inputs
+    return source
 
 
-def _recompute(rows_fn, inputs, ids: np.ndarray, batch: int) -> np.ndarray:
-    """float32 rows of these ids, `batch` at a time (the last batch padded: one compiled shape)."""
+def _recompare(table: lut.LookupTable, source: CheckpointLayers, sampled: dict[int, np.ndarray], *, batch: int,
+               buffer_bytes: int, progress: bool):
+    """(shard, compare_rows report) for every shard of `sampled` (shard -> ids), its rows recomputed in float32
+    from the checkpoint layer by layer: shards in passes of at most buffer_bytes of rows (at least one shard),
+    each pass reading every layer once (at most two in memory) and then comparing its shards with the table."""
+    cfg = table.config
+    L = cfg.num_layers
+    row_nbytes = 4 * L * cfg.num_experts * cfg.d_model
+    passes, current, used = [], [], 0
+    for i, ids in sampled.items():
+        if current and used + len(ids) * row_nbytes > buffer_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += len(ids) * row_nbytes
+    passes.append(current)
+    layer_fn = jax.jit(layer_rows_fn(cfg))
+    embed_VxD = jax.device_put(source.embedding())  # placed once, as each layer is (not once per batch)
+    bar = tqdm(total=len(passes) * L, desc="recompute", unit="layer", disable=not progress)
+    try:
+        for shards in passes:
+            ids = np.concatenate([sampled[i] for i in shards])
+            ref_RxLxNxD = np.empty((len(ids), L, cfg.num_experts, cfg.d_model), np.float32)
+            loader = _LayerLoader(source, jax.device_put)
+            try:
+                for l, layer in enumerate(loader.layers(L)):
+                    with jax.default_matmul_precision("highest"):
+                        rows = _recompute(lambda ids_R, layer=layer: layer_fn(embed_VxD, layer, ids_R), ids, batch)
+                    ref_RxLxNxD[:, l] = rows[:, 0]
+                    del rows, layer  # released before the loader is asked for the next layer
+                    bar.update(1)
+            finally:
+                loader.close()
+            at = 0
+            for i in shards:
+                n = len(sampled[i])
+                yield i, compare_rows(ref_RxLxNxD[at:at + n], table.rows(sampled[i]), table.scheme, table.block)
+                at += n
+            del ref_RxLxNxD
+    finally:
+        bar.close()
+
+
+def _recompute(rows_fn, ids: np.ndarray, batch: int) -> np.ndarray:
+    """float32 rows of these ids (rows_fn: ids -> rows), `batch` at a time (the last batch padded: one compiled
+    shape)."""
     out = []
     for s in range(0, len(ids), batch):
         part = ids[s:s + batch]
         padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part))])
-        out.append(np.asarray(rows_fn(inputs, jnp.asarray(padded, jnp.int32)))[:len(part)])
+        out.append(np.asarray(rows_fn(jnp.asarray(padded, jnp.int32)))[:len(part)])
     return np.concatenate(out)

@@ -35,6 +35,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mole_jax.config import MoleError
+
+TOKENIZER = "tokenizer.json"  # a run's tokenizer, beside its checkpoints (and the name inside a tokenizer directory)
 from mole_jax.corpus import default_documents  # noqa: F401  (data.default_documents, as before)
 
 DEFAULT = "default"
@@ -146,6 +148,29 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
     n = tokenizer.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise MoleError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json at `path`: the file itself, or the one inside a directory (a Hugging Face tokenizer
+    directory such as GPT-NeoX-20B's, whose tokenizer the authors' released checkpoints use but do not carry)."""
+    given = Path(path).expanduser().absolute()
+    found = given / TOKENIZER if given.is_dir() else given
+    if not found.is_file():
+        where = f"{given} holds no {TOKENIZER}" if given.is_dir() else f"{given} does not exist"
+        raise MoleError(f"tokenizer not found: {where}")
+    return found
+
+
+def resolve_tokenizer(tokenizer, vocab_size: int | None = None):
+    """A `tokenizers.Tokenizer`: as given, or read from a tokenizer.json (or a directory holding one); with
+    vocab_size, refused when it has more tokens than the model's vocabulary (its ids would fall outside it)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer_file(tokenizer))
+    elif not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "get_vocab_size"):
+        raise MoleError(f"tokenizer must be a path or a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+    if vocab_size is not None:
+        check_tokenizer(tokenizer, vocab_size)
+    return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

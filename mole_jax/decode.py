@@ -20,8 +20,9 @@ from flax import nnx
 
 from mole_jax import checkpoint, data
 from mole_jax.config import ModelConfig, MoleError
+from mole_jax.convert import fingerprint_checkpoint
 from mole_jax.decoder import PREFILL_ROWS_BYTES, Decoder, chunked_loop, decode_loop
-from mole_jax.lut import LookupTable, fingerprint, open_lut, table_inputs
+from mole_jax.lut import LookupTable, open_lut
 from mole_jax.model import ArrayRows, Params, graphdef_and_shapes, without_routed_experts
 from mole_jax.offload import OffloadDecoder
 from mole_jax.row_sources import PLACEMENTS, TableReader, TieredRows, device_tier, next_pow2
@@ -333,20 +334,12 @@ def _open_table(table_or_dir, expected_fingerprint: str | Callable[[], str], wha
 
 def checkpoint_fingerprint(path: str | Path, cfg: ModelConfig, table: LookupTable | None = None) -> str:
     """lut.fingerprint of a MoLE training-form checkpoint's table inputs: the table's own when `convert_to_lut`
-    recorded in it that it was converted from exactly these parameter files (same paths, sizes and mtimes), or the
-    one recorded beside the checkpoint when its files are unchanged since (no expert is read either way), else
-    computed from the experts, read on the host (they never reach the device), and recorded for the next load
-    (checkpoint.record_fingerprint)."""
-    signature = checkpoint.params_signature(path)
-    if table is not None and (table.meta.get("source") or {}).get("params_files") == signature:
+    recorded in it that it was converted from exactly these parameter files (same paths, sizes and mtimes: no
+    expert is read), else computed from the experts layer by layer on the host (convert.fingerprint_checkpoint:
+    at most two layers in memory, none on the device). Nothing is written into the checkpoint."""
+    if table is not None and (table.meta.get("source") or {}).get("params_files") == checkpoint.params_signature(path):
         return table.fingerprint
-    recorded = checkpoint.recorded_fingerprint(path)
-    if recorded is not None:
-        return recorded
-    _, inputs = checkpoint.restore_params(path, cfg=cfg, as_numpy=True, select=table_inputs)
-    computed = fingerprint(inputs)
-    checkpoint.record_fingerprint(path, computed, signature=signature)
-    return computed
+    return fingerprint_checkpoint(path, cfg)[0]
 
 
 def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_experts: bool = False,
@@ -358,9 +351,8 @@ def load(path: str | Path, lut=None, lut_placement: str = "device", *, offload_e
     lut: MoLE only: a lookup table directory (or an opened table) to decode with, in inference form: the routed
         experts never reach the device. An inference-form checkpoint (imported from the authors' `moe_table`)
         uses RUN_DIR/lut by default. The table must have been built from this checkpoint's weights: checked
-        against the parameter files the table records it was converted from, else the fingerprint recorded beside
-        the checkpoint (`checkpoint_fingerprint`), so the experts are read at most on the first load after the
-        checkpoint's files were written or changed.
+        against the parameter files the table records it was converted from (no expert is read), else against the
+        fingerprint computed from the experts (`checkpoint_fingerprint`). Nothing is written into the checkpoint.
     lut_placement: where the table lives while decoding: "device", "host" (RAM) or "storage" (disk).
     offload_experts: MoE only: keep the routed experts in host memory (the paper's offloading baseline).
     host_read: the host placement's reads: "program" (the compiled step reads host memory; default) or "gather"

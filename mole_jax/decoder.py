@@ -59,7 +59,6 @@ from mole_jax.layers import KVCache
 from mole_jax.model import Mid, Params, empty_cache, graphdef_and_shapes, per_expert_buffers
 from mole_jax.row_sources import (
     TableReader,
-    TableRows,
     TierCounts,
     TieredRows,
     Transfers,

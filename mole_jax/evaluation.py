@@ -122,9 +122,7 @@ def _open_run_corpus(run_dir, ref: checkpoint.StepDir, run: dict, data_source, v
                      tokenizer=None) -> data.Corpus:
     """The corpus to evaluate on (default: the run's own data), tokenised with `tokenizer`, else the run's."""
     if tokenizer is not None:
-        from mole_jax.hf import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer, vocab_size)
+        tokenizer = data.resolve_tokenizer(tokenizer, vocab_size)
     elif ref.run_dir and (ref.run_dir / checkpoint.TOKENIZER).is_file():
         tokenizer = ref.run_dir / checkpoint.TOKENIZER
     if data_source is None:

@@ -300,29 +300,6 @@ def read_hf_config(src: Path) -> dict:
 
 
 # Tokenizers ---------------------------------------------------------------------------------------------------
-def tokenizer_file(path: str | Path) -> Path:
-    """The tokenizer.json at `path`: the file itself, or the one inside a directory (a Hugging Face tokenizer
-    directory such as GPT-NeoX-20B's, whose tokenizer the authors' released checkpoints use but do not carry)."""
-    given = Path(path).expanduser().absolute()
-    found = given / checkpoint.TOKENIZER if given.is_dir() else given
-    if not found.is_file():
-        where = f"{given} holds no {checkpoint.TOKENIZER}" if given.is_dir() else f"{given} does not exist"
-        raise MoleError(f"tokenizer not found: {where}")
-    return found
-
-
-def load_tokenizer(tokenizer, vocab_size: int | None = None):
-    """A `tokenizers.Tokenizer`: as given, or read from a tokenizer.json (or a directory holding one); with
-    vocab_size, refused when it has more tokens than the model's vocabulary (its ids would fall outside it)."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = data.load_tokenizer(tokenizer_file(tokenizer))
-    elif not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "get_vocab_size"):
-        raise MoleError(f"tokenizer must be a path or a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
-    if vocab_size is not None:
-        data.check_tokenizer(tokenizer, vocab_size)
-    return tokenizer
-
-
 # Import / export ---------------------------------------------------------------------------------------------
 def _fresh_destination(out: Path, overwrite: bool) -> None:
     """OUT may be written: empty or missing (or replaced with overwrite), and its nearest existing ancestor is a
@@ -409,7 +386,7 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
         raise MoleError(f"{MOE_TABLE} found in a {cfg.kind} checkpoint")
     if tokenizer is None and (src / checkpoint.TOKENIZER).is_file():
         tokenizer = src / checkpoint.TOKENIZER
-    checked_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer, cfg.vocab_size)
+    checked_tokenizer = None if tokenizer is None else data.resolve_tokenizer(tokenizer, cfg.vocab_size)
     _check_tensor_headers(cfg, tensors, with_experts=not inference_form)
     _fresh_destination(out, overwrite)
     params = params_from_hf(cfg, tensors.get, tensors.names, with_experts=not inference_form)
@@ -423,7 +400,7 @@ def import_hf(src: str | Path, out: str | Path, *, moe_top_k: int | None = None,
         mngr.close()
         checkpoint.write_json_atomic(tmp / checkpoint.RUN_FILE, {"model_config": cfg.to_dict(), **meta_extra})
         if isinstance(tokenizer, (str, os.PathLike)):  # the file as given, byte for byte
-            shutil.copyfile(tokenizer_file(tokenizer), tmp / checkpoint.TOKENIZER)
+            shutil.copyfile(data.tokenizer_file(tokenizer), tmp / checkpoint.TOKENIZER)
         elif checked_tokenizer is not None:
             checked_tokenizer.save(str(tmp / checkpoint.TOKENIZER))
         _publish(tmp, out)

@@ -19,7 +19,7 @@ import tensorstore as ts
 
 import reference
 from conftest import run_cli, table_config
-from mole_jax import checkpoint, hf, lut, lut_writer, schemes
+from mole_jax import checkpoint, convert, hf, lut, lut_writer, schemes
 from mole_jax.config import MoleError
 from mole_jax.convert import convert_to_lut, verify_lut
 from mole_jax.model import init_params
@@ -161,6 +161,19 @@ def test_verify_recomputes_rows_per_shard(ckpt, reference_table):
     full = verify_lut(reference_table, ckpt, full=True)
     assert full["ok"] and full["rows"] == 97 and 0 < full["max_error_over_allowed"] <= 1.0
     assert verify_lut(reference_table)["rows"] == 0  # without a checkpoint: presence and checksums only
+
+
+def test_verify_reads_the_checkpoint_layer_by_layer(ckpt, reference_table, monkeypatch):
+    """The fingerprint is one pass over the layers (convert.fingerprint_checkpoint), the recomputed rows one pass
+    per buffer of rows (here one shard each): never every layer at once, and the same report as one pass."""
+    one_pass = verify_lut(reference_table, ckpt, full=True, seed=0)
+    reads = []
+    real_layer = convert.CheckpointLayers.layer
+    monkeypatch.setattr(convert.CheckpointLayers, "layer", lambda self, l: reads.append(l) or real_layer(self, l))
+    monkeypatch.setattr(convert, "restore_table_inputs", None)  # every layer at once: not used
+    per_shard = verify_lut(reference_table, ckpt, full=True, seed=0, buffer_bytes=1)
+    assert reads == list(range(CFG.num_layers)) * (1 + 7)  # the fingerprint's pass, then one pass per shard
+    assert per_shard == one_pass
 
 
 # All-zero rows ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 memory-mapped), bad input, and the import of the authors' inference form (model.moe_table.weight) into a table."""
 
 import json
-import os
 import subprocess
 import sys
 import uuid
