@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mole_jax.config import REMAT_POLICIES, TRAINABLE, MoleError, TrainConfig, get_preset, presets
+from mole_jax.config import REMAT_POLICIES, TRAINABLE, MoleError, check_creatable, TrainConfig, get_preset, presets
 
 # The table schemes of mole_jax.schemes.SCHEMES (a test keeps the two equal). Importing that module loads ml_dtypes,
 # about a second of CPU on its own: a mistyped --dtype must be refused before that.
@@ -100,13 +100,7 @@ def check_output(path: str, *, file: bool = False) -> None:
         if not os.access(target if target.is_dir() else target.parent, os.W_OK):
             raise MoleError(f"{target} is not writable")
         return
-    ancestor = target.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MoleError(f"cannot create {target}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MoleError(f"cannot create {target}: {ancestor} is not writable")
+    check_creatable(target)
 
 
 def make_parents(*files: str | None) -> None:

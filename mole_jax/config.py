@@ -11,6 +11,7 @@ import difflib
 import json
 import types
 import typing
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,19 @@ TRAINABLE = ("all", "new")
 
 class MoleError(ValueError):
     """Bad input from a user (a path, a file, a value). The CLI prints the message on one line and exits 2."""
+
+
+def check_creatable(target: Path, start: Path | None = None) -> None:
+    """Every output path's one rule: `target` can be created (or written into), i.e. the nearest existing directory
+    from `start` (default: target itself) upwards is a writable directory. Nothing is created here: writers create
+    missing parents once every argument was checked."""
+    ancestor = target if start is None else start
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MoleError(f"cannot create {target}: {ancestor} is a file, which is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MoleError(f"cannot create {target}: {ancestor} is not writable")
 
 
 class ConfigError(MoleError):

@@ -62,7 +62,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mole_jax import checkpoint, lut, lut_writer, schemes, sharding
-from mole_jax.config import ModelConfig, MoleError
+from mole_jax.config import ModelConfig, MoleError, check_creatable
 from mole_jax.lut_writer import BackgroundWriter, TableWriter
 from mole_jax.model import graphdef_and_shapes
 from mole_jax.schemes import Layout
@@ -399,13 +399,7 @@ def _check_destination_writable(lut_dir) -> None:
     target = Path(lut_dir).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise MoleError(f"destination {target} exists and is not a directory")
-    ancestor = target
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MoleError(f"cannot create {target}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MoleError(f"destination {target} is not writable ({ancestor}: permission denied)")
+    check_creatable(target)
 
 
 def producer_settings(devices) -> dict:

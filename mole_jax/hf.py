@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from mole_jax import checkpoint, data, lut_writer
-from mole_jax.config import ModelConfig, MoleError
+from mole_jax.config import ModelConfig, MoleError, check_creatable
 from mole_jax.model import Params, graphdef_and_shapes
 from mole_jax.schemes import FLOAT_SCHEMES
 
@@ -308,13 +308,7 @@ def _fresh_destination(out: Path, overwrite: bool) -> None:
     _remove_leftovers(out)  # first: a killed run may have left OUT moved aside
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MoleError(f"destination {out} exists and is not empty (pass overwrite to replace it)")
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MoleError(f"cannot create {out}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MoleError(f"destination {ancestor} is not writable")
+    check_creatable(out, out.parent)
 
 
 def _publish(tmp: Path, out: Path) -> None:

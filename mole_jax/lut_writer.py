@@ -31,7 +31,7 @@ import tensorstore as ts
 from tqdm.auto import tqdm
 
 from mole_jax import lut, schemes
-from mole_jax.config import ModelConfig, MoleError
+from mole_jax.config import ModelConfig, MoleError, check_creatable
 from mole_jax.schemes import Layout
 
 SHARD_TARGET_BYTES = 64 << 20  # stored bytes per shard file (default shard_rows)
@@ -303,13 +303,7 @@ def _check_destination(spec: ts.KvStore.Spec) -> None:
     p = Path(str(local).rstrip("/") or "/")
     if p.exists() and not p.is_dir():
         raise MoleError(f"destination {p} exists and is not a directory")
-    ancestor = p
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MoleError(f"cannot create {p}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MoleError(f"destination {p} is not writable ({ancestor}: permission denied)")
+    check_creatable(p)
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
